@@ -1,0 +1,19 @@
+"""Fixtures for integration tests: a real nats-server with JetStream per test."""
+
+from __future__ import annotations
+
+import pytest
+
+from freshet.natsserver import EmbeddedNats
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    """A fresh nats-server on a free loopback port with its store in the test's tmp dir."""
+    with EmbeddedNats(store_dir=str(tmp_path / "jetstream")) as server:
+        yield server
+
+
+@pytest.fixture
+def nats_url(nats_server) -> str:
+    return nats_server.url

@@ -1,0 +1,110 @@
+"""Async gRPC clients of the embedding store and the predictor, speaking numpy at the edge.
+
+Calls carry the caller's trace context and wait for the server to be ready (bounded by the
+call timeout), so services can start in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from freshet import telemetry
+from freshet.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from freshet.store.v1 import store_pb2, store_pb2_grpc
+from freshet.tensors import from_tensor, to_tensor
+
+_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+@dataclass(frozen=True)
+class ExportedRows:
+    """A page of rows changed since a version."""
+
+    fids: np.ndarray  # int64 [n]
+    values: np.ndarray  # float32 [n, dim]
+    versions: np.ndarray  # int64 [n]
+    next_version: int
+    has_more: bool
+
+
+class _Client:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+
+    def _kw(self) -> dict:
+        return {"timeout": self.timeout_s, "wait_for_ready": True, "metadata": telemetry.grpc_metadata()}
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class StoreClient(_Client):
+    """Client of one embedding store shard."""
+
+    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
+        super().__init__(address, timeout_s)
+        self.stub = store_pb2_grpc.EmbeddingStoreStub(self.channel)
+
+    async def pull(self, table: str, fids: np.ndarray) -> np.ndarray:
+        """Rows of fids int64 [n]: float32 [n, dim]."""
+        resp = await self.stub.Pull(store_pb2.PullRequest(table=table, fids=to_tensor(fids)), **self._kw())
+        return from_tensor(resp.values, np.float32, 2, "values")
+
+    async def push(self, table: str, fids: np.ndarray, grads: np.ndarray) -> int:
+        """Applies gradients float32 [n, dim]; returns the table version after the update."""
+        req = store_pb2.PushRequest(table=table, fids=to_tensor(fids), grads=to_tensor(grads.astype(np.float32)))
+        resp = await self.stub.Push(req, **self._kw())
+        return resp.version
+
+    async def export(self, table: str, since_version: int, limit: int = 0) -> ExportedRows:
+        """One page of rows changed after ``since_version``."""
+        req = store_pb2.ExportRequest(table=table, since_version=since_version, limit=limit)
+        resp = await self.stub.Export(req, **self._kw())
+        return ExportedRows(
+            fids=from_tensor(resp.fids, np.int64, 1, "fids"),
+            values=from_tensor(resp.values, np.float32, 2, "values"),
+            versions=from_tensor(resp.versions, np.int64, 1, "versions"),
+            next_version=resp.next_version,
+            has_more=resp.has_more,
+        )
+
+    async def describe(self) -> store_pb2.DescribeResponse:
+        return await self.stub.Describe(store_pb2.DescribeRequest(), **self._kw())
+
+
+class PredictorClient(_Client):
+    """Client of a predictor replica."""
+
+    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
+        super().__init__(address, timeout_s)
+        self.stub = predictor_pb2_grpc.PredictorStub(self.channel)
+
+    async def predict(
+        self,
+        model: str,
+        user_id: int,
+        item_ids: np.ndarray,
+        position: int = 0,
+        context: dict[str, str] | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """Scores float32 [n] of the candidates and the model version that produced them."""
+        req = predictor_pb2.PredictRequest(
+            model=model,
+            user_id=user_id,
+            item_ids=to_tensor(np.asarray(item_ids, np.int64)),
+            position=position,
+            context=context or {},
+        )
+        resp = await self.stub.Predict(req, **self._kw())
+        return from_tensor(resp.scores, np.float32, 1, "scores"), resp.model_version

@@ -1,0 +1,58 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ActionType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_TYPE_UNSPECIFIED: _ClassVar[ActionType]
+    ACTION_TYPE_CLICK: _ClassVar[ActionType]
+    ACTION_TYPE_LIKE: _ClassVar[ActionType]
+    ACTION_TYPE_SHARE: _ClassVar[ActionType]
+    ACTION_TYPE_DWELL: _ClassVar[ActionType]
+ACTION_TYPE_UNSPECIFIED: ActionType
+ACTION_TYPE_CLICK: ActionType
+ACTION_TYPE_LIKE: ActionType
+ACTION_TYPE_SHARE: ActionType
+ACTION_TYPE_DWELL: ActionType
+
+class Impression(_message.Message):
+    __slots__ = ("request_id", "user_id", "item_id", "position", "event_time_ms", "context")
+    class ContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: int
+    item_id: int
+    position: int
+    event_time_ms: int
+    context: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[int] = ..., item_id: _Optional[int] = ..., position: _Optional[int] = ..., event_time_ms: _Optional[int] = ..., context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("request_id", "item_id", "type", "value", "event_time_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    item_id: int
+    type: ActionType
+    value: float
+    event_time_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., item_id: _Optional[int] = ..., type: _Optional[_Union[ActionType, str]] = ..., value: _Optional[float] = ..., event_time_ms: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,78 @@
+"""Feature ids ("fids"): int64 with the feature slot in the high bits, a hashed value below.
+
+This is Monolith's layout: one table can hold many slots, and per-slot policies stay
+possible because the slot is recoverable from the fid. Fids are always non-negative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+SLOT_BITS = 15
+VALUE_BITS = 48
+MAX_SLOT = (1 << SLOT_BITS) - 1
+VALUE_MASK = (1 << VALUE_BITS) - 1
+
+# Fixed slots of the built-in features; context features hash their name into [64, MAX_SLOT].
+SLOT_USER = 1
+SLOT_ITEM = 2
+SLOT_POSITION = 3
+_FIRST_CONTEXT_SLOT = 64
+
+
+def make_fid(slot: int, value_hash: int) -> int:
+    """Combines a slot and a value hash into a fid."""
+    if not 0 <= slot <= MAX_SLOT:
+        raise ValueError(f"slot {slot} outside [0, {MAX_SLOT}]")
+    return (slot << VALUE_BITS) | (value_hash & VALUE_MASK)
+
+
+def slot_of(fid: int | np.ndarray) -> int | np.ndarray:
+    """The slot a fid (or an int64 array of fids) belongs to."""
+    return fid >> VALUE_BITS
+
+
+def hash_value(value: int | str | bytes) -> int:
+    """A stable 64-bit hash of a feature value (blake2b; stable across processes, unlike hash())."""
+    if isinstance(value, int):
+        value = value.to_bytes(8, "little", signed=True)
+    elif isinstance(value, str):
+        value = value.encode()
+    return int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "little")
+
+
+def context_slot(name: str) -> int:
+    """The slot of a named context feature, stable across processes."""
+    return _FIRST_CONTEXT_SLOT + hash_value(name) % (MAX_SLOT - _FIRST_CONTEXT_SLOT + 1)
+
+
+def int_fids(slot: int, values: np.ndarray) -> np.ndarray:
+    """Vectorised fids for integer ids (splitmix64 mixing), int64 [n] for int64 [n]."""
+    x = np.asarray(values, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return ((np.uint64(slot) << np.uint64(VALUE_BITS)) | (x & np.uint64(VALUE_MASK))).astype(np.int64)
+
+
+def example_fids(
+    user_id: int, item_ids: np.ndarray, position: int, context: dict[str, str] | None = None
+) -> np.ndarray:
+    """The fids of one user's candidate items: int64 [n_items, n_features].
+
+    Column order: user, item, position, then context features sorted by name. The joiner
+    (training) and the predictor (serving) both call this, so features cannot skew.
+    """
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    n = item_ids.shape[0]
+    user = int_fids(SLOT_USER, np.array([user_id]))[0]
+    pos = int_fids(SLOT_POSITION, np.array([position]))[0]
+    columns = [np.full(n, user, np.int64), int_fids(SLOT_ITEM, item_ids), np.full(n, pos, np.int64)]
+    for name in sorted(context or {}):
+        fid = make_fid(context_slot(name), hash_value(context[name]))
+        columns.append(np.full(n, fid, np.int64))
+    return np.stack(columns, axis=1) if n else np.zeros((0, len(columns)), np.int64)

@@ -1,0 +1,97 @@
+"""Training samples in memory and on the wire (``SampleBatch``: lengths + values layout)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from freshet.samples.v1 import samples_pb2
+from freshet.tensors import from_tensor, to_tensor
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled example produced by the joiner."""
+
+    sample_id: str
+    fids: np.ndarray  # int64 [n_features]
+    label: float
+    weight: float = 1.0
+    event_time_ms: int = 0
+    user_id: int = 0
+    item_id: int = 0
+
+
+@dataclass(frozen=True)
+class SampleArrays:
+    """A decoded batch: sample ``i`` owns ``fids[offsets[i]:offsets[i] + lengths[i]]``."""
+
+    fids: np.ndarray  # int64 [T]
+    lengths: np.ndarray  # int32 [B]
+    labels: np.ndarray  # float32 [B]
+    weights: np.ndarray  # float32 [B]
+    sample_ids: list[str]
+    event_time_ms: np.ndarray  # int64 [B]
+    user_ids: np.ndarray  # int64 [B]
+    item_ids: np.ndarray  # int64 [B]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @staticmethod
+    def concat(parts: Sequence[SampleArrays]) -> SampleArrays:
+        return SampleArrays(
+            fids=np.concatenate([p.fids for p in parts]),
+            lengths=np.concatenate([p.lengths for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]),
+            weights=np.concatenate([p.weights for p in parts]),
+            sample_ids=[s for p in parts for s in p.sample_ids],
+            event_time_ms=np.concatenate([p.event_time_ms for p in parts]),
+            user_ids=np.concatenate([p.user_ids for p in parts]),
+            item_ids=np.concatenate([p.item_ids for p in parts]),
+        )
+
+
+def encode_samples(samples: Sequence[Sample]) -> bytes:
+    """Serialises samples as one ``SampleBatch``."""
+    batch = samples_pb2.SampleBatch(
+        fids=to_tensor(np.concatenate([s.fids for s in samples]).astype(np.int64)),
+        lengths=to_tensor(np.array([len(s.fids) for s in samples], np.int32)),
+        labels=to_tensor(np.array([s.label for s in samples], np.float32)),
+        weights=to_tensor(np.array([s.weight for s in samples], np.float32)),
+        sample_ids=[s.sample_id for s in samples],
+        event_time_ms=to_tensor(np.array([s.event_time_ms for s in samples], np.int64)),
+        user_ids=to_tensor(np.array([s.user_id for s in samples], np.int64)),
+        item_ids=to_tensor(np.array([s.item_id for s in samples], np.int64)),
+    )
+    return batch.SerializeToString()
+
+
+def decode_samples(data: bytes) -> SampleArrays:
+    """Parses and checks a ``SampleBatch``.
+
+    Raises:
+        google.protobuf.message.DecodeError: the bytes are not a SampleBatch.
+        freshet.tensors.TensorError / ValueError: tensors disagree in size or type.
+    """
+    msg = samples_pb2.SampleBatch.FromString(data)
+    lengths = from_tensor(msg.lengths, np.int32, 1, "lengths")
+    out = SampleArrays(
+        fids=from_tensor(msg.fids, np.int64, 1, "fids"),
+        lengths=lengths,
+        labels=from_tensor(msg.labels, np.float32, 1, "labels"),
+        weights=from_tensor(msg.weights, np.float32, 1, "weights"),
+        sample_ids=list(msg.sample_ids),
+        event_time_ms=from_tensor(msg.event_time_ms, np.int64, 1, "event_time_ms"),
+        user_ids=from_tensor(msg.user_ids, np.int64, 1, "user_ids"),
+        item_ids=from_tensor(msg.item_ids, np.int64, 1, "item_ids"),
+    )
+    n = len(lengths)
+    sizes = {len(out.labels), len(out.weights), len(out.sample_ids), len(out.event_time_ms)}
+    if sizes != {n} or (lengths < 0).any() or int(lengths.sum()) != len(out.fids):
+        raise ValueError(
+            f"inconsistent SampleBatch: {n} lengths summing to {int(lengths.sum())}, {len(out.fids)} fids"
+        )
+    return out

@@ -1,0 +1,34 @@
+"""Helpers for freshet's own tests: bounded waiting on a condition instead of bare sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+async def assert_eventually(
+    condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05, message: str = ""
+) -> Any:
+    """Polls ``condition`` (sync or async) until it returns a truthy value, which is returned.
+
+    Raises:
+        AssertionError: the condition stayed falsy for ``timeout_s``; the last value or
+            exception is in the message.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            last = condition()
+            if inspect.isawaitable(last):
+                last = await last
+            if last:
+                return last
+        except AssertionError as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s: {message} (last: {last!r})")
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,21 @@
+"""Settings of the predictor service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from freshet.config import env_field
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """Predictor settings, each read from the named environment variable."""
+
+    host: str = env_field("FRESHET_PREDICTOR_HOST", "interface the gRPC server binds", "127.0.0.1")
+    port: int = env_field("FRESHET_PREDICTOR_PORT", "gRPC port; 0 picks a free one", 50052)
+    model: str = env_field("FRESHET_MODEL", "model served: follows model.<model>.decision", "fm")
+    factors: int = env_field("FRESHET_FM_FACTORS", "FM factor dim k; rows are 1+k floats", 8)
+    max_candidates: int = env_field(
+        "FRESHET_PREDICT_MAX_CANDIDATES", "larger Predict requests get RESOURCE_EXHAUSTED", 2_000
+    )
+    port_file: str = env_field("FRESHET_PREDICTOR_PORT_FILE", "if set, the bound port is written there", "")

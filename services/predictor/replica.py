@@ -1,0 +1,62 @@
+"""The serving replica: rows and dense parameters of one model at one version.
+
+Deltas are applied synchronously on the event loop, between requests, so each Predict sees
+exactly one version. Unknown fids read the default embedding (zeros).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from freshet.delta import Delta
+from freshet.model import fm_logits, sigmoid
+
+
+class Replica:
+    """Collisionless fid -> row map with an append-only slab."""
+
+    def __init__(self, row_dim: int) -> None:
+        self.row_dim = row_dim
+        self._index: dict[int, int] = {}
+        self._slab = np.zeros((1024, row_dim), np.float32)
+        self.bias = 0.0
+        self.version = 0  # sequence of the last delta applied
+        self.store_version = 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def apply(self, delta: Delta) -> None:
+        """Overwrites the delta's rows (idempotent) and takes its dense parameters."""
+        if len(delta.fids) and delta.values.shape[1] != self.row_dim:
+            raise ValueError(f"delta rows have dim {delta.values.shape[1]}, replica expects {self.row_dim}")
+        rows = np.empty(len(delta.fids), np.int64)
+        index = self._index
+        for i, fid in enumerate(delta.fids.tolist()):
+            row = index.get(fid)
+            if row is None:
+                row = index[fid] = len(index)
+            rows[i] = row
+        if len(index) > len(self._slab):
+            grown = np.zeros((max(len(index), 2 * len(self._slab)), self.row_dim), np.float32)
+            grown[: len(self._slab)] = self._slab
+            self._slab = grown
+        self._slab[rows] = delta.values
+        if "bias" in delta.dense:
+            self.bias = float(delta.dense["bias"].reshape(-1)[0])
+        self.version = delta.sequence
+        self.store_version = delta.new_version
+
+    def lookup(self, fids: np.ndarray) -> np.ndarray:
+        """Rows of fids (any shape) -> float32 [..., row_dim]; unknown fids are zeros."""
+        flat = fids.reshape(-1)
+        index = self._index
+        rows = np.fromiter((index.get(f, -1) for f in flat.tolist()), np.int64, len(flat))
+        out = np.zeros((len(flat), self.row_dim), np.float32)
+        known = rows >= 0
+        out[known] = self._slab[rows[known]]
+        return out.reshape(*fids.shape, self.row_dim)
+
+    def score(self, fids: np.ndarray) -> np.ndarray:
+        """Click probabilities float32 [n] of examples with fids int64 [n, F]."""
+        return sigmoid(fm_logits(self.lookup(fids), self.bias))

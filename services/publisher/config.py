@@ -1,0 +1,20 @@
+"""Settings of the publisher service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from freshet.config import env_field
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    """Publisher settings, each read from the named environment variable."""
+
+    store_address: str = env_field("FRESHET_STORE_ADDRESS", "host:port of the embedding store")
+    model: str = env_field("FRESHET_MODEL", "model name: subjects dense.<model>, model.<model>.*", "fm")
+    table: str = env_field("FRESHET_TABLE", "embedding store table of the model's rows", "fm")
+    interval_s: float = env_field("FRESHET_PUBLISH_INTERVAL_S", "seconds between delta exports", 0.1)
+    max_rows_per_delta: int = env_field(
+        "FRESHET_DELTA_MAX_ROWS", "rows per delta message (keeps messages under NATS' 1 MB payload)", 20_000
+    )
