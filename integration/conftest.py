@@ -17,3 +17,12 @@ def nats_server(tmp_path):
 @pytest.fixture
 def nats_url(nats_server) -> str:
     return nats_server.url
+
+
+@pytest.fixture
+async def pipeline(nats_url):
+    """All six services in this process on a fresh nats-server: yields a ``Pipeline``."""
+    from integration.harness import Pipeline
+
+    async with Pipeline(nats_url) as running:
+        yield running

@@ -196,7 +196,7 @@ class PullLoop:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout_s)
-                except NatsTimeoutError:
+                except (NatsTimeoutError, TimeoutError):
                     continue
                 except nats.errors.ConnectionClosedError:
                     if stop.is_set():

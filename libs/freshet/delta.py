@@ -81,7 +81,7 @@ def decode_delta(data: bytes) -> Delta:
         raise DeltaError(f"checksum mismatch on delta {msg.model}/{msg.shard}#{msg.sequence}")
     try:
         fids = from_tensor(msg.fids, np.int64, 1, "fids")
-        values = from_tensor(msg.values, np.float32, 2, "values") if len(fids) else np.zeros((0, 0), np.float32)
+        values = from_tensor(msg.values, np.float32, 2, "values")
         dense = {k: from_tensor(v, np.float32, None, k) for k, v in msg.dense.items()}
     except ValueError as exc:
         raise DeltaError(str(exc)) from None

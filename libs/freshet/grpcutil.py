@@ -51,7 +51,7 @@ def _check_unknown(msg: Message) -> None:
     for desc, value in msg.ListFields():
         if desc.message_type is None:
             continue
-        if desc.label == desc.LABEL_REPEATED:
+        if desc.is_repeated:
             if desc.message_type.GetOptions().map_entry:
                 continue
             for item in value:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from freshet.delta import Delta
-from freshet.model import fm_logits, sigmoid
+from freshet.fm import fm_logits, sigmoid
 
 
 class Replica:

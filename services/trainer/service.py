@@ -19,10 +19,10 @@ from freshet import bus, telemetry
 from freshet.clients import StoreClient
 from freshet.config import BusConfig
 from freshet.metrics import ProgressiveMetrics
-from freshet.model import FactorizationMachine, FMConfig, segment_ids
+from freshet.fm import FactorizationMachine, FMConfig, segment_ids
 from freshet.model.v1 import model_pb2
 from freshet.runtime import NatsMixin, Service
-from freshet.samples import SampleArrays, decode_samples
+from freshet.batches import SampleArrays, decode_samples
 from freshet.tensors import TensorError, to_tensor
 from services.trainer.config import TrainerConfig
 
