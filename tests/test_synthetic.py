@@ -179,6 +179,8 @@ def test_unknown_ids_and_positions_are_rejected() -> None:
         source.click_probability(0, 20, 0)
     with pytest.raises(ValueError, match="position"):
         source.click_probability(0, 0, 5)
+    with pytest.raises(ValueError, match="device"):
+        source.click_probability(0, 0, 0, device="tv")
 
 
 def test_position_bias_shorter_than_the_slate_is_rejected() -> None:

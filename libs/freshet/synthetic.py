@@ -163,6 +163,8 @@ class SyntheticSource:
             raise ValueError(f"unknown user {user_id} or item {item_id}")
         if not 0 <= position < self.config.items_per_request:
             raise ValueError(f"position {position} outside [0, {self.config.items_per_request})")
+        if device is not None and device not in self.config.devices:
+            raise ValueError(f"unknown device {device!r}, expected one of {self.config.devices}")
         dev = self._user_device[user_id] if device is None else self.config.devices.index(device)
         logit = self._intercept + self._users[user_id] @ self._items[item_id] + self._item_bias[item_id]
         return float(self._position_bias[position] / (1.0 + math.exp(-(logit + self._device_logit[dev]))))

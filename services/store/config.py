@@ -14,7 +14,7 @@ class StoreConfig:
     host: str = env_field("FRESHET_STORE_HOST", "interface the gRPC server binds", "127.0.0.1")
     port: int = env_field("FRESHET_STORE_PORT", "gRPC port; 0 picks a free one", 50051)
     tables: tuple[str, ...] = env_field("FRESHET_STORE_TABLES", "tables as name:dim, comma separated", ("fm:9",))
-    learning_rate: float = env_field("FRESHET_STORE_LR", "Adagrad learning rate", 0.05)
+    learning_rate: float = env_field("FRESHET_STORE_LR", "Adagrad learning rate", 0.2)
     init_scale: float = env_field("FRESHET_STORE_INIT_SCALE", "new rows start uniform in +-scale", 0.01)
     max_fids_per_request: int = env_field(
         "FRESHET_STORE_MAX_FIDS", "larger Pull/Push requests get RESOURCE_EXHAUSTED", 1_000_000

@@ -15,7 +15,7 @@ class TrainerConfig:
     model: str = env_field("FRESHET_MODEL", "model name: subjects dense.<model>, model.<model>.*", "fm")
     table: str = env_field("FRESHET_TABLE", "embedding store table of the model's rows", "fm")
     factors: int = env_field("FRESHET_FM_FACTORS", "FM factor dim k (0 = logistic regression); rows are 1+k", 8)
-    dense_lr: float = env_field("FRESHET_DENSE_LR", "Adagrad learning rate of the dense parameters", 0.05)
+    dense_lr: float = env_field("FRESHET_DENSE_LR", "Adagrad learning rate of the dense parameters", 0.1)
     batch_size: int = env_field("FRESHET_TRAIN_BATCH", "max sample messages per training step", 512)
     fetch_timeout_s: float = env_field("FRESHET_TRAIN_FETCH_TIMEOUT_S", "max wait to fill a batch", 0.05)
     dense_interval_s: float = env_field("FRESHET_DENSE_INTERVAL_S", "seconds between dense snapshots", 1.0)
