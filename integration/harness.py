@@ -54,7 +54,9 @@ class Pipeline:
     async def impression(self, request_id: str, user: int, item: int, position: int = 0) -> None:
         imp = events_pb2.Impression(request_id=request_id, user_id=user, item_id=item, position=position)
         imp.event_time_ms = bus.now_ms()
-        await bus.publish(self.js, "events.impressions.0", imp.SerializeToString(), msg_id=f"i:{request_id}:{item}")
+        await bus.publish(
+            self.js, "events.impressions.0", imp.SerializeToString(), msg_id=f"i:{request_id}:{item}"
+        )
 
     async def click(self, request_id: str, item: int) -> None:
         act = events_pb2.Action(request_id=request_id, item_id=item, type=events_pb2.ACTION_TYPE_CLICK, value=1)

@@ -15,9 +15,7 @@ async def test_clicks_on_a_pair_raise_its_served_score_and_advance_the_version(p
         return (await pipeline.score(user, item))[1] > 0 and pipeline.trainer.learner.samples_trained >= 20
 
     await assert_eventually(served_version, timeout_s=20, message="first model version served")
-    await assert_eventually(
-        lambda: pipeline.publisher.cursor == pipeline.store.tables["fm"].version, timeout_s=10
-    )
+    await assert_eventually(lambda: pipeline.publisher.cursor == pipeline.store.tables["fm"].version, timeout_s=10)
     before, v_before = await pipeline.score(user, item)
 
     # Phase 2: the user clicks the item every time it is shown.

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from freshet import bus, telemetry
-from freshet.config import BusConfig
+from freshet.config import BusConfig, ConfigError
 from freshet.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,11 @@ def run_service(name: str, factory: Callable[[], Service]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        service = factory()
+        try:
+            service = factory()
+        except (ConfigError, ValueError) as exc:
+            logger.error("bad configuration", extra={"service": name, "error": str(exc)})
+            return 2
         async with service:
             stopped = asyncio.create_task(service.stopping.wait())
             signalled = asyncio.create_task(stop.wait())

@@ -16,11 +16,11 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from freshet import bus, telemetry
+from freshet.batches import Sample, encode_samples
 from freshet.config import BusConfig
 from freshet.events.v1 import events_pb2
 from freshet.fids import example_fids
 from freshet.runtime import NatsMixin, Service
-from freshet.batches import Sample, encode_samples
 from services.joiner.config import JoinerConfig
 from services.joiner.join import JoinState, Resolution
 

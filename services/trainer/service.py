@@ -16,13 +16,13 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from freshet import bus, telemetry
+from freshet.batches import SampleArrays, decode_samples
 from freshet.clients import StoreClient
 from freshet.config import BusConfig
-from freshet.metrics import ProgressiveMetrics
 from freshet.fm import FactorizationMachine, FMConfig, segment_ids
+from freshet.metrics import ProgressiveMetrics
 from freshet.model.v1 import model_pb2
 from freshet.runtime import NatsMixin, Service
-from freshet.batches import SampleArrays, decode_samples
 from freshet.tensors import TensorError, to_tensor
 from services.trainer.config import TrainerConfig
 
@@ -94,6 +94,7 @@ class TrainerService(NatsMixin, Service):
         self._last_log = time.monotonic()
 
     async def _start(self) -> None:
+        await self._check_table()
         await self._connect_nats(self.bus_config, "freshet-trainer")
         spec = bus.ConsumerSpec(
             stream=bus.SAMPLES.name,
@@ -114,6 +115,16 @@ class TrainerService(NatsMixin, Service):
     async def _stop(self) -> None:
         await self._drain_nats()
         await self.store.close()
+
+    async def _check_table(self) -> None:
+        """Fails at start-up when the store's table cannot hold this model's rows."""
+        want = 1 + self.config.factors
+        tables = {t.name: t.dim for t in (await self.store.describe()).tables}
+        if tables.get(self.config.table) != want:
+            raise ValueError(
+                f"store table {self.config.table!r} has dim {tables.get(self.config.table)}, the model needs {want} "
+                f"(FRESHET_TABLE / FRESHET_FM_FACTORS vs FRESHET_STORE_TABLES); tables: {tables}"
+            )
 
     async def _on_batch(self, msgs: list[Msg]) -> list[bus.Outcome]:
         parts, outcomes, good = [], [], []

@@ -12,7 +12,7 @@ class ValidatorConfig:
     """Validator settings, each read from the named environment variable."""
 
     max_abs_value: float = env_field(
-        "FRESHET_VALIDATOR_MAX_ABS", "reject deltas with any |value| above this (norm explosion)", 1e4
+        "FRESHET_VALIDATOR_MAX_ABS", "reject deltas with any absolute value above this (norm explosion)", 1e4
     )
     durable: str = env_field("FRESHET_VALIDATOR_DURABLE", "durable consumer on the MODEL stream", "validator")
     subject: str = env_field("FRESHET_VALIDATOR_SUBJECT", "delta subjects to gate", "model.*.delta")
