@@ -75,7 +75,7 @@ class ConsumerSpec:
     durable: str
     filter_subject: str
     ack_wait_s: float = 30.0
-    max_deliver: int = 5
+    max_deliver: int = 5  # -1: redeliver forever (failures are never the message's fault)
     max_ack_pending: int = 10_000
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
 
@@ -221,7 +221,7 @@ class PullLoop:
 
     async def retry_or_dead_letter(self, msg: Msg, reason: str) -> None:
         """Naks with delay, or dead-letters and terms on the last delivery."""
-        if msg.metadata.num_delivered >= self.spec.max_deliver:
+        if 0 < self.spec.max_deliver <= msg.metadata.num_delivered:
             await self.reject(msg, f"failed {msg.metadata.num_delivered} deliveries: {reason}")
         else:
             await msg.nak(delay=self.nak_delay_s)

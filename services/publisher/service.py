@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
@@ -61,7 +62,11 @@ class PublisherService(NatsMixin, Service):
 
     async def _publish_forever(self) -> None:
         while not self.stopping.is_set():
-            await self.publish_once()
+            try:
+                await self.publish_once()
+            except grpc.aio.AioRpcError as exc:
+                # The store is down or restarting: the cursor is unchanged, so nothing is skipped.
+                logger.warning("store export failed; retrying", extra={"code": exc.code().name})
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.config.interval_s)
             except TimeoutError:

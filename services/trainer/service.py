@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import grpc
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
@@ -94,13 +95,15 @@ class TrainerService(NatsMixin, Service):
         self._last_log = time.monotonic()
 
     async def _start(self) -> None:
-        await self._check_table()
         await self._connect_nats(self.bus_config, "freshet-trainer")
         spec = bus.ConsumerSpec(
             stream=bus.SAMPLES.name,
             durable=self.config.durable,
             filter_subject=self.config.subject,
             max_ack_pending=max(10_000, 4 * self.config.batch_size),
+            # A failed step is the store's or the network's fault, never the sample's: retry forever.
+            # Samples that cannot be decoded are dead-lettered by the handler instead.
+            max_deliver=-1,
         )
         self.loop = bus.PullLoop(
             self.js,
@@ -110,7 +113,11 @@ class TrainerService(NatsMixin, Service):
             batch=self.config.batch_size,
             fetch_timeout_s=self.config.fetch_timeout_s,
         )
-        self.spawn(self.loop.run(self.stopping), "trainer-consume")
+        self.spawn(self._check_table_then_train(), "trainer-consume")
+
+    async def _check_table_then_train(self) -> None:
+        await self._check_table()
+        await self.loop.run(self.stopping)
 
     async def _stop(self) -> None:
         await self._drain_nats()
@@ -119,7 +126,15 @@ class TrainerService(NatsMixin, Service):
     async def _check_table(self) -> None:
         """Fails at start-up when the store's table cannot hold this model's rows."""
         want = 1 + self.config.factors
-        tables = {t.name: t.dim for t in (await self.store.describe()).tables}
+        while True:
+            try:
+                described = await self.store.describe()
+                break
+            except grpc.aio.AioRpcError as exc:
+                if self.stopping.is_set():
+                    return
+                logger.warning("store not reachable yet", extra={"code": exc.code().name})
+        tables = {t.name: t.dim for t in described.tables}
         if tables.get(self.config.table) != want:
             raise ValueError(
                 f"store table {self.config.table!r} has dim {tables.get(self.config.table)}, the model needs {want} "
