@@ -73,3 +73,27 @@ async def test_restarted_joiner_does_not_emit_a_sample_twice(nats_url):
         await assert_eventually(lambda: joiner.counts["negatives"] == 1, timeout_s=10)
         batches = await samples_in_stream(joiner.js)
         assert sorted(b.sample_ids[0] for b in batches) == [f"r{i}:{i}" for i in (0, 1, 2, 3, 4, 9)]
+
+
+async def test_sample_continues_the_trace_of_the_click_that_labelled_it(nats_url):
+    from opentelemetry import trace
+
+    from freshet import telemetry
+
+    telemetry.setup_tracing("test")
+    tracer = telemetry.tracer(__name__)
+    async with JoinerService(JoinerConfig(window_s=5), BusConfig(nats_url=nats_url)) as joiner:
+        imp = events_pb2.Impression(request_id="t1", user_id=1, item_id=2)
+        await bus.publish(joiner.js, "events.impressions.0", imp.SerializeToString())
+        with tracer.start_as_current_span("client_click") as span:
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            click = events_pb2.Action(request_id="t1", item_id=2, type=events_pb2.ACTION_TYPE_CLICK)
+            await bus.publish(joiner.js, "events.actions.0", click.SerializeToString())
+        assert trace.get_current_span().get_span_context().is_valid is False
+
+        async def sample_msg():
+            info = await joiner.js.stream_info(bus.SAMPLES.name)
+            return info.state.messages == 1 and await joiner.js.get_msg(bus.SAMPLES.name, 1)
+
+        msg = await assert_eventually(sample_msg, timeout_s=10)
+        assert msg.headers["traceparent"].split("-")[1] == trace_id

@@ -47,6 +47,16 @@ def extract_headers(headers: Mapping[str, str] | None) -> otel_context.Context:
     return propagate.extract(dict(headers or {}))
 
 
+def links_from(headers_list: Iterable[Mapping[str, str] | None]) -> list[trace.Link]:
+    """Span links to the traces carried by several inputs' NATS headers (a batch links to its inputs)."""
+    links = []
+    for headers in headers_list:
+        span_context = trace.get_current_span(extract_headers(headers)).get_span_context()
+        if span_context.is_valid:
+            links.append(trace.Link(span_context))
+    return links
+
+
 def grpc_metadata() -> list[tuple[str, str]]:
     """The current trace context as gRPC metadata for an outgoing call."""
     carrier: dict[str, str] = {}

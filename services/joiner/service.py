@@ -137,7 +137,14 @@ class JoinerService(NatsMixin, Service):
             item_id=imp.item_id,
         )
         subject = f"samples.{partition_of(imp.request_id, self.config.partitions)}"
-        with tracer.start_as_current_span("join_sample", attributes={"label": res.label}):
+        # The event that resolved the join (the click, or the impression on expiry) is the parent,
+        # so the event's trace continues through training; the other input is linked.
+        *others, trigger = res.handles
+        parent = telemetry.extract_headers(trigger.headers)
+        links = telemetry.links_from(h.headers for h in others)
+        with tracer.start_as_current_span(
+            "join_sample", context=parent, links=links, attributes={"label": res.label}
+        ):
             await bus.publish(self.js, subject, encode_samples([sample]), msg_id=f"s:{sample.sample_id}")
 
     async def _expire_forever(self) -> None:

@@ -153,7 +153,8 @@ class TrainerService(NatsMixin, Service):
                 outcomes.append(bus.Outcome.DEFER)
         if parts:
             batch = SampleArrays.concat(parts)
-            with tracer.start_as_current_span("train_batch", attributes={"samples": len(batch)}):
+            links = telemetry.links_from(m.headers for m in good)
+            with tracer.start_as_current_span("train_batch", links=links, attributes={"samples": len(batch)}):
                 await self.learner.learn(batch)
         await self._maybe_publish_dense()
         self._maybe_log()

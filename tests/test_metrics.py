@@ -1,0 +1,96 @@
+"""Tests of the streaming metrics: rank AUC, log loss and the progressive (windowed) evaluator."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from freshet.metrics import ProgressiveMetrics, auc, log_loss
+
+
+def _pairwise_auc(scores, labels) -> float:
+    """P(score of a positive > score of a negative), ties counting one half, over every pair."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y > 0.5]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y <= 0.5]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_brute_force_pairwise_auc_on_random_data_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    scores = rng.integers(0, 6, size=n) / 5.0  # few distinct values: many ties
+    labels = (rng.random(n) < 0.2 + 0.6 * scores).astype(np.float32)
+
+    assert auc(scores, labels) == pytest.approx(_pairwise_auc(scores.tolist(), labels.tolist()), abs=1e-12)
+
+
+def test_auc_of_continuous_scores_equals_brute_force():
+    rng = np.random.default_rng(10)
+    scores = rng.normal(size=200)
+    labels = rng.random(200) < 0.3
+    assert auc(scores, labels) == pytest.approx(_pairwise_auc(scores.tolist(), labels.tolist()), abs=1e-12)
+
+
+def test_auc_is_one_for_perfect_ranking_zero_for_reversed_and_half_for_all_ties():
+    labels = np.array([0, 0, 1, 1])
+    assert auc(np.array([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
+    assert auc(np.array([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
+    assert auc(np.full(4, 0.3), labels) == 0.5
+
+
+@pytest.mark.parametrize("labels", [[1, 1, 1], [0, 0, 0], []])
+def test_auc_is_none_when_only_one_class_is_present(labels):
+    assert auc(np.linspace(0, 1, len(labels)), np.array(labels, np.float32)) is None
+
+
+def test_log_loss_matches_the_formula_and_clips_certain_mistakes():
+    assert log_loss(np.array([0.8, 0.3]), np.array([1, 0])) == pytest.approx(-(math.log(0.8) + math.log(0.7)) / 2)
+    assert math.isfinite(log_loss(np.array([0.0, 1.0]), np.array([1, 0])))
+    assert math.isnan(log_loss(np.array([]), np.array([])))
+
+
+def test_progressive_window_auc_covers_only_the_last_window_of_samples():
+    metrics = ProgressiveMetrics(window=4)
+    # First batch ranked perfectly wrong, second perfectly right: only the second is in the window.
+    metrics.update(np.array([0.9, 0.1]), np.array([0.0, 1.0]))
+    assert metrics.window_auc() == 0.0
+    metrics.update(np.array([0.2, 0.3, 0.6, 0.7]), np.array([0.0, 0.0, 1.0, 1.0]))
+
+    assert metrics.window_auc() == 1.0
+    assert metrics.count == 6
+
+
+def test_progressive_window_auc_is_none_when_the_window_holds_one_class():
+    metrics = ProgressiveMetrics(window=3)
+    assert metrics.window_auc() is None
+    metrics.update(np.array([0.4, 0.6]), np.array([0.0, 1.0]))
+    metrics.update(np.array([0.1, 0.2, 0.3]), np.array([0.0, 0.0, 0.0]))
+    assert metrics.window_auc() is None
+
+
+def test_progressive_mean_log_loss_averages_over_all_samples_not_just_the_window():
+    metrics = ProgressiveMetrics(window=2)
+    assert metrics.mean_log_loss() is None
+    probs = [np.array([0.9, 0.2, 0.6]), np.array([0.3]), np.array([0.7, 0.5])]
+    labels = [np.array([1.0, 0.0, 1.0]), np.array([1.0]), np.array([0.0, 1.0])]
+    for p, y in zip(probs, labels, strict=True):
+        metrics.update(p, y)
+
+    assert metrics.mean_log_loss() == pytest.approx(log_loss(np.concatenate(probs), np.concatenate(labels)))
+    assert metrics.count == 6
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ProgressiveMetrics.update adds log_loss(...) * len(labels); for an empty batch log_loss is NaN "
+    "and NaN * 0 is NaN, so one empty batch makes mean_log_loss NaN forever (libs/freshet/metrics.py, update)",
+)
+def test_an_empty_update_leaves_mean_log_loss_unchanged():
+    metrics = ProgressiveMetrics()
+    metrics.update(np.array([0.8]), np.array([1.0]))
+    metrics.update(np.array([]), np.array([]))
+    assert metrics.mean_log_loss() == pytest.approx(-math.log(0.8))
