@@ -20,7 +20,9 @@ def _delta(dense: dict[str, np.ndarray] | None = None) -> Delta:
         new_version=130,
         fids=np.array([3, 2**40 + 1, 99, 12], np.int64),
         values=rng.normal(size=(4, 9)).astype(np.float32),
-        dense=dense if dense is not None else {"bias": np.array([0.25], np.float32), "w": np.eye(2, dtype=np.float32)},
+        dense=dense
+        if dense is not None
+        else {"bias": np.array([0.25], np.float32), "w": np.eye(2, dtype=np.float32)},
         dense_step=11,
         created_ms=1_700_000_000_000,
     )

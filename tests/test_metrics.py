@@ -84,11 +84,6 @@ def test_progressive_mean_log_loss_averages_over_all_samples_not_just_the_window
     assert metrics.count == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ProgressiveMetrics.update adds log_loss(...) * len(labels); for an empty batch log_loss is NaN "
-    "and NaN * 0 is NaN, so one empty batch makes mean_log_loss NaN forever (libs/freshet/metrics.py, update)",
-)
 def test_an_empty_update_leaves_mean_log_loss_unchanged():
     metrics = ProgressiveMetrics()
     metrics.update(np.array([0.8]), np.array([1.0]))

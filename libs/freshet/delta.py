@@ -20,13 +20,11 @@ def decision_subject(model: str) -> str:
 
 
 def checksum(delta: model_pb2.ModelDelta) -> int:
-    """crc32 over the row tensors' bytes and the dense tensors' bytes in name order."""
-    crc = zlib.crc32(delta.fids.data)
-    crc = zlib.crc32(delta.values.data, crc)
-    for name in sorted(delta.dense):
-        crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(delta.dense[name].data, crc)
-    return crc
+    """crc32 of the whole message with ``checksum`` cleared: rows, dense, shapes and header fields."""
+    unsigned = model_pb2.ModelDelta()
+    unsigned.CopyFrom(delta)
+    unsigned.checksum = 0
+    return zlib.crc32(unsigned.SerializeToString(deterministic=True))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ class ProgressiveMetrics:
         self._loss_sum = 0.0
 
     def update(self, probs: np.ndarray, labels: np.ndarray) -> None:
+        if not len(labels):
+            return
         self._scores.extend(np.asarray(probs, np.float64).tolist())
         self._labels.extend(np.asarray(labels, np.float64).tolist())
         self.count += len(labels)

@@ -12,7 +12,9 @@ import logging
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
 from freshet.config import BusConfig
@@ -46,6 +48,7 @@ class PredictorService(NatsMixin, Service):
         self.expected_sequence = 1
         self.gaps = 0
         self.rejected = 0
+        self.bad_decisions = 0
 
     @property
     def address(self) -> str:
@@ -88,7 +91,12 @@ class PredictorService(NatsMixin, Service):
             await self._on_decision(msg)
 
     async def _on_decision(self, msg) -> None:
-        approval = model_pb2.Approval.FromString(msg.data)
+        try:
+            approval = model_pb2.Approval.FromString(msg.data)
+        except DecodeError as exc:
+            self.bad_decisions += 1
+            logger.error("undecodable decision skipped", extra={"error": str(exc)})
+            return
         if approval.sequence and approval.sequence < self.expected_sequence:
             return  # already applied or skipped: deltas are idempotent, nothing to do
         if approval.sequence > self.expected_sequence:
@@ -101,7 +109,16 @@ class PredictorService(NatsMixin, Service):
             self.rejected += 1
             self.expected_sequence = max(self.expected_sequence, approval.sequence + 1)
             return
-        raw = await self.js.get_msg(bus.MODEL.name, seq=approval.delta_stream_seq, direct=True)
+        try:
+            raw = await self.js.get_msg(bus.MODEL.name, seq=approval.delta_stream_seq, direct=True)
+        except NotFoundError:
+            # Not skipped silently: the sequence stays expected, so the next delta shows as a gap.
+            self.bad_decisions += 1
+            logger.error(
+                "approved delta missing from the stream",
+                extra={"sequence": approval.sequence, "stream_seq": approval.delta_stream_seq},
+            )
+            return
         parent = telemetry.extract_headers(raw.headers)
         with tracer.start_as_current_span(
             "apply_delta", context=parent, attributes={"sequence": approval.sequence}

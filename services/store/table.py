@@ -171,7 +171,10 @@ class HostTable(EmbeddingTable):
         has_more = len(order) > limit
         # Without more pages the reader is caught up with the table, even when the table is
         # behind ``since_version`` (a restarted store): the caller sees the version go back.
-        next_version = int(self._versions[page[-1]]) if has_more else self._version
+        if not len(page):
+            next_version = since_version if has_more else self._version
+        else:
+            next_version = int(self._versions[page[-1]]) if has_more else self._version
         return ExportPage(
             fids=self._fids[page].copy(),
             values=self._values[page].copy(),

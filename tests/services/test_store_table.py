@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
 from services.store.table import HostTable, TableConfig, initial_values
 
@@ -242,11 +241,6 @@ def test_export_of_an_empty_table_is_empty_at_version_zero():
     assert page.next_version == 0 and not page.has_more
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HostTable.export(since, limit=0) indexes page[-1] of an empty page and raises IndexError "
-    "when rows changed after `since` (services/store/table.py, export: next_version line)",
-)
 def test_export_with_limit_zero_returns_an_empty_page_with_more_to_come():
     table = _table()
     table.push(np.array([1, 2], np.int64), np.ones((2, _CFG.dim), np.float32))

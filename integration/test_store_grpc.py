@@ -1,0 +1,169 @@
+"""The embedding store over real gRPC (port 0): round trips, precise status codes, health, robustness."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from freshet.clients import StoreClient
+from freshet.store.v1 import store_pb2, store_pb2_grpc
+from freshet.tensors import to_tensor
+from services.store.config import StoreConfig
+from services.store.service import SERVICE_NAME, StoreService
+from services.store.table import initial_values
+
+_DIM = 9
+_TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def store():
+    async with StoreService(StoreConfig(port=0, max_fids_per_request=1000)) as service:
+        yield service
+
+
+@pytest.fixture
+async def client(store):
+    async with StoreClient(store.address, timeout_s=_TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture
+async def stub(client):
+    return store_pb2_grpc.EmbeddingStoreStub(client.channel)
+
+
+async def _code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details() or ""
+
+
+def _initial(store: StoreService, fids: np.ndarray) -> np.ndarray:
+    cfg = store.tables["fm"].config
+    return initial_values(fids, cfg.dim, cfg.init_scale, cfg.seed)
+
+
+async def test_pull_push_export_round_trip_over_grpc(store, client):
+    fids = np.array([11, 2**45 + 3, 7], np.int64)
+    before = await client.pull("fm", fids)
+    np.testing.assert_array_equal(before, _initial(store, fids))
+    grads = np.full((3, _DIM), 0.5, np.float32)
+
+    version = await client.push("fm", fids, grads)
+    after = await client.pull("fm", fids)
+
+    assert version == 3
+    assert np.all(after < before)  # a positive gradient lowers every weight
+    np.testing.assert_array_equal(after, store.tables["fm"].pull(fids))
+    first = await client.export("fm", 0, limit=2)
+    rest = await client.export("fm", first.next_version, limit=2)
+    assert first.has_more and not rest.has_more
+    assert rest.next_version == 3
+    exported_fids = np.concatenate([first.fids, rest.fids]).tolist()
+    got = dict(zip(exported_fids, np.concatenate([first.values, rest.values]), strict=True))
+    assert sorted(got) == sorted(fids.tolist())
+    for fid, row in zip(fids.tolist(), after, strict=True):
+        np.testing.assert_array_equal(got[fid], row)
+    np.testing.assert_array_equal(np.concatenate([first.versions, rest.versions]), [1, 2, 3])
+    tables = (await client.describe()).tables
+    assert [(t.name, t.dim, t.rows, t.version) for t in tables] == [("fm", _DIM, 3, 3)]
+
+
+async def test_push_with_nan_gradient_is_rejected_and_leaves_the_table_unchanged(store, client):
+    fids = np.array([1, 2, 3], np.int64)
+    await client.push("fm", fids, np.ones((3, _DIM), np.float32))
+    before = await client.pull("fm", fids)
+    grads = np.ones((3, _DIM), np.float32)
+    grads[1, 4] = np.nan
+
+    code, details = await _code_of(client.push("fm", fids, grads))
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "non-finite" in details
+    np.testing.assert_array_equal(await client.pull("fm", fids), before)
+    assert store.tables["fm"].version == 3
+
+
+async def test_push_with_wrongly_shaped_grads_is_invalid_argument(client):
+    fids = np.array([1, 2], np.int64)
+    code, details = await _code_of(client.push("fm", fids, np.ones((2, _DIM + 1), np.float32)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grads shape [2, 10] does not match [2, 9]" in details
+
+
+async def test_fids_tensor_with_float32_dtype_is_invalid_argument(stub):
+    request = store_pb2.PullRequest(table="fm", fids=to_tensor(np.array([1.0, 2.0], np.float32)))
+    code, details = await _code_of(stub.Pull(request, timeout=_TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fids" in details and "DTYPE_FLOAT32" in details
+
+
+async def test_fids_tensor_whose_bytes_do_not_match_its_shape_is_invalid_argument(stub):
+    tensor = to_tensor(np.array([1, 2], np.int64))
+    tensor.shape[:] = [3]
+    code, _ = await _code_of(stub.Pull(store_pb2.PullRequest(table="fm", fids=tensor), timeout=_TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_table_is_not_found(client):
+    code, details = await _code_of(client.pull("nope", np.array([1], np.int64)))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "nope" in details
+
+
+async def test_more_fids_than_the_limit_is_resource_exhausted(client):
+    code, details = await _code_of(client.pull("fm", np.arange(1001, dtype=np.int64)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1001" in details
+    assert (await client.pull("fm", np.arange(1000, dtype=np.int64))).shape == (1000, _DIM)
+
+
+async def test_negative_export_arguments_are_invalid_argument(stub):
+    request = store_pb2.ExportRequest(table="fm", since_version=-1)
+    code, _ = await _code_of(stub.Export(request, timeout=_TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _raw_pull(client: StoreClient):
+    return client.channel.unary_unary(f"/{SERVICE_NAME}/Pull", request_serializer=None, response_deserializer=None)
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff\xff", b"garbage", b"\x12\x10short"])
+async def test_undecodable_request_bytes_are_invalid_argument(client, raw):
+    code, details = await _code_of(_raw_pull(client)(raw, timeout=_TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot decode freshet.store.v1.PullRequest" in details
+
+
+async def test_a_known_field_with_the_wrong_wire_type_is_invalid_argument(client):
+    # Field 2 (fids, a message) sent as the varint 3: protobuf alone would keep it as an unknown field.
+    code, details = await _code_of(_raw_pull(client)(b"\x10\x03", timeout=_TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "PullRequest.fids has the wrong type" in details
+
+
+async def test_health_check_reports_serving_for_the_server_and_the_store_service(client):
+    health = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", SERVICE_NAME):
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=_TIMEOUT)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_service_keeps_serving_after_a_run_of_bad_requests(store, client, stub):
+    bad_calls = [
+        _raw_pull(client)(b"\xff\xff", timeout=_TIMEOUT),
+        client.pull("nope", np.array([1], np.int64)),
+        client.pull("fm", np.arange(5000, dtype=np.int64)),
+        client.push("fm", np.array([1], np.int64), np.full((1, _DIM), np.inf, np.float32)),
+        stub.Pull(store_pb2.PullRequest(table="fm", fids=to_tensor(np.ones(2, np.float32))), timeout=_TIMEOUT),
+    ]
+    for call in bad_calls:
+        code, _ = await _code_of(call)
+        assert code != grpc.StatusCode.INTERNAL and code != grpc.StatusCode.UNKNOWN
+
+    fids = np.array([4, 5], np.int64)
+    np.testing.assert_array_equal(await client.pull("fm", fids), _initial(store, fids))
+    assert len(store.tables["fm"]) == 0
