@@ -84,11 +84,6 @@ async def test_two_servers_run_side_by_side_on_different_ports():
         assert await _account_streams(second.url) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: EmbeddedNats.start treats any listener on the port as ready, so on a busy port it "
-    "returns success (connected to the other process) while its own nats-server exits with bind error",
-)
 def test_start_on_a_port_already_in_use_raises():
     with EmbeddedNats() as first:
         second = EmbeddedNats(port=first.port)
@@ -99,11 +94,6 @@ def test_start_on_a_port_already_in_use_raises():
             second.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: EmbeddedNats.start raises RuntimeError when nats-server exits early without "
-    "removing the temporary store it created (the timeout path calls stop(), this one does not)",
-)
 def test_failed_start_removes_the_temporary_store():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
         blocker.bind(("127.0.0.1", 0))  # bound, not listening: the server's bind fails, connects are refused

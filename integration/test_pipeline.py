@@ -28,6 +28,6 @@ async def test_clicks_on_a_pair_raise_its_served_score_and_advance_the_version(p
         return score > before + 0.1 and version > v_before and (score, version)
 
     after, v_after = await assert_eventually(score_rose, timeout_s=20, message=f"score above {before:.3f}")
-    assert pipeline.joiner.counts["positives"] == 30
+    await assert_eventually(lambda: pipeline.joiner.counts["positives"] == 30, timeout_s=10)
     assert pipeline.validator.rejected == 0
     assert pipeline.predictor.gaps == 0

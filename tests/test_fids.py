@@ -75,11 +75,6 @@ def test_int_fids_of_the_same_id_differ_between_slots():
     assert not np.intersect1d(int_fids(SLOT_USER, ids), int_fids(SLOT_ITEM, ids)).size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: int_fids does not validate the slot as make_fid does; slot MAX_SLOT+1 sets bit 63 "
-    "and yields negative fids (fids.py int_fids)",
-)
 def test_int_fids_rejects_out_of_range_slot():
     with pytest.raises(ValueError, match="slot"):
         int_fids(MAX_SLOT + 1, np.array([1], dtype=np.int64))

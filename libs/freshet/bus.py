@@ -91,6 +91,10 @@ class ConsumerSpec:
         )
 
 
+async def _log_nats_error(exc: Exception) -> None:
+    logger.warning("nats connection error", extra={"error": repr(exc)})
+
+
 async def connect(config: BusConfig, name: str) -> NATS:
     """Connects to NATS, retrying with exponential backoff per ``config``.
 
@@ -105,9 +109,20 @@ async def connect(config: BusConfig, name: str) -> NATS:
         reraise=True,
     ):
         with attempt:
-            return await nats.connect(
-                servers=servers, name=name, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1
+            # nats-py retries the *first* connect by itself (60 times 2 s by default, forever when
+            # max_reconnect_attempts < 0), hiding this policy: let it try each server twice, quickly,
+            # then allow endless reconnects once connected (nats-py reads these at disconnect time).
+            nc = await nats.connect(
+                servers=servers,
+                name=name,
+                connect_timeout=2,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.05,
+                error_cb=_log_nats_error,
             )
+            nc.options["max_reconnect_attempts"] = -1
+            nc.options["reconnect_time_wait"] = 1.0
+            return nc
     raise AssertionError("unreachable")
 
 

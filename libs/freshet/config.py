@@ -62,6 +62,9 @@ def from_env(cls: type[T], environ: Mapping[str, str] | None = None, **overrides
         ConfigError: a required variable is unset or a value does not parse.
     """
     environ = os.environ if environ is None else environ
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no settings {sorted(unknown)}")
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
@@ -79,7 +82,12 @@ def describe(cls: type) -> list[tuple[str, str, str]]:
     """Returns (variable, default, doc) for every field: the source of the READMEs' config tables."""
     rows = []
     for field in dataclasses.fields(cls):
-        default = "(required)" if field.default is dataclasses.MISSING else repr(field.default)
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(field.default_factory())
+        else:
+            default = "(required)"
         rows.append((field.metadata.get("env", field.name), default, field.metadata.get("doc", "")))
     return rows
 

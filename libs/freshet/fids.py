@@ -50,6 +50,8 @@ def context_slot(name: str) -> int:
 
 def int_fids(slot: int, values: np.ndarray) -> np.ndarray:
     """Vectorised fids for integer ids (splitmix64 mixing), int64 [n] for int64 [n]."""
+    if not 0 <= slot <= MAX_SLOT:
+        raise ValueError(f"slot {slot} outside [0, {MAX_SLOT}]")
     x = np.asarray(values, dtype=np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)

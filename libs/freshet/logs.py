@@ -32,7 +32,8 @@ class JsonFormatter(logging.Formatter):
             out["service"] = self.service
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
+                # An extra field never overwrites a standard one (ts, level, logger, msg, service).
+                out[f"extra_{key}" if key in out else key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from freshet.common.v1 import tensor_pb2
@@ -26,7 +28,7 @@ def to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     if dtype not in _TO_WIRE:
         raise TensorError(f"unsupported dtype {array.dtype}")
-    array = np.ascontiguousarray(array, dtype=dtype)
+    array = np.asarray(array, dtype=dtype, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     return tensor_pb2.Tensor(dtype=_TO_WIRE[dtype], shape=list(array.shape), data=array.tobytes())
 
 
@@ -52,7 +54,7 @@ def from_tensor(
         raise TensorError(f"{name}: expected {expect_ndim} dimensions, got shape {list(shape)}")
     if any(d < 0 for d in shape):
         raise TensorError(f"{name}: negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small count
     if count * dtype.itemsize != len(tensor.data):
         raise TensorError(
             f"{name}: shape {list(shape)} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}"
