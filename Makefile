@@ -13,9 +13,9 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet 'torch==2.13.0'
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq 'torch==2.13.0'
+	$(BIN)/pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install freshet with its dev tools
