@@ -44,7 +44,10 @@ test-unit: $(STAMP) ## unit tests only
 demo: $(STAMP) ## run every service on an embedded NATS, feed synthetic events for DEMO_SECONDS, print a summary
 	$(BIN)/freshet demo --seconds $(DEMO_SECONDS)
 
+bench-store: $(STAMP) ## embedding store benchmark -> bench/results/store.json (+ store.md)
+	$(BIN)/python bench/store_bench.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help setup protos protos-check lint format test test-unit demo clean
+.PHONY: help setup protos protos-check lint format test test-unit demo bench-store clean

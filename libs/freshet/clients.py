@@ -6,12 +6,14 @@ call timeout), so services can start in any order.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from freshet import telemetry
+from freshet.fids import shard_of
 from freshet.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from freshet.store.v1 import store_pb2, store_pb2_grpc
 from freshet.tensors import from_tensor, to_tensor
@@ -81,6 +83,74 @@ class StoreClient(_Client):
 
     async def describe(self) -> store_pb2.DescribeResponse:
         return await self.stub.Describe(store_pb2.DescribeRequest(), **self._kw())
+
+    async def checkpoint(self, tag: str = "") -> store_pb2.CheckpointResponse:
+        """Makes the shard durable now, storing ``tag`` with the checkpoint."""
+        return await self.stub.Checkpoint(store_pb2.CheckpointRequest(tag=tag), **self._kw())
+
+
+class ShardedStoreClient:
+    """Client of a store split into shards by ``freshet.fids.shard_of``.
+
+    Pull and Push deduplicate fids, send each shard its part concurrently and merge the answers
+    back into request order (a duplicated fid's gradients are summed before sending).
+    """
+
+    def __init__(self, addresses: list[str] | tuple[str, ...], timeout_s: float = 10.0) -> None:
+        if not addresses:
+            raise ValueError("ShardedStoreClient needs at least one shard address")
+        self.shards = [StoreClient(a, timeout_s) for a in addresses]
+
+    def _split(self, unique: np.ndarray) -> list[np.ndarray]:
+        owner = shard_of(unique, len(self.shards))
+        return [np.flatnonzero(owner == i) for i in range(len(self.shards))]
+
+    async def pull(self, table: str, fids: np.ndarray) -> np.ndarray:
+        """Rows of fids int64 [n] (duplicates allowed): float32 [n, dim]."""
+        unique, inverse = np.unique(fids, return_inverse=True)
+        parts = self._split(unique)
+        answers = await asyncio.gather(
+            *(shard.pull(table, unique[idx]) for shard, idx in zip(self.shards, parts, strict=True) if len(idx))
+        )
+        dim = answers[0].shape[1] if answers else 0
+        values = np.empty((len(unique), dim), np.float32)
+        it = iter(answers)
+        for idx in parts:
+            if len(idx):
+                values[idx] = next(it)
+        return values[inverse]
+
+    async def push(self, table: str, fids: np.ndarray, grads: np.ndarray) -> list[int]:
+        """Applies gradients float32 [n, dim]; returns each shard's table version after the update."""
+        unique, inverse = np.unique(fids, return_inverse=True)
+        summed = np.zeros((len(unique), grads.shape[1]), np.float32)
+        np.add.at(summed, inverse, grads)
+        parts = self._split(unique)
+        return list(
+            await asyncio.gather(
+                *(
+                    shard.push(table, unique[idx], summed[idx])
+                    for shard, idx in zip(self.shards, parts, strict=True)
+                    if len(idx)
+                )
+            )
+        )
+
+    async def describe(self) -> list[store_pb2.DescribeResponse]:
+        return list(await asyncio.gather(*(s.describe() for s in self.shards)))
+
+    async def checkpoint(self, tag: str = "") -> list[store_pb2.CheckpointResponse]:
+        """Checkpoints every shard with the same tag."""
+        return list(await asyncio.gather(*(s.checkpoint(tag) for s in self.shards)))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.shards))
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class PredictorClient(_Client):

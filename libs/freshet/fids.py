@@ -78,3 +78,13 @@ def example_fids(
         fid = make_fid(context_slot(name), hash_value(context[name]))
         columns.append(np.full(n, fid, np.int64))
     return np.stack(columns, axis=1) if n else np.zeros((0, len(columns)), np.int64)
+
+
+def shard_of(fids: np.ndarray, num_shards: int) -> np.ndarray:
+    """The store shard owning each fid: int64 [n] in [0, num_shards). Every client and shard agrees."""
+    x = np.asarray(fids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(31))) * np.uint64(0x7FB5D329728EA185)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x81DADEF4BC2DD44D)
+        x = x ^ (x >> np.uint64(33))
+    return (x % np.uint64(num_shards)).astype(np.int64)

@@ -47,6 +47,10 @@ class Replica:
         self.version = delta.sequence
         self.store_version = delta.new_version
 
+    def nbytes(self) -> int:
+        """Approximate bytes held: the slab plus the dict index (about 100 B per entry in CPython)."""
+        return self._slab.nbytes + 100 * len(self._index)
+
     def lookup(self, fids: np.ndarray) -> np.ndarray:
         """Rows of fids (any shape) -> float32 [..., row_dim]; unknown fids are zeros."""
         flat = fids.reshape(-1)

@@ -2,36 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 import numpy as np
 
+from freshet.fids import shard_of
 from freshet.grpcutil import BadRequest, strict_service
 from freshet.runtime import GrpcServer, Service
 from freshet.store.v1 import store_pb2
 from freshet.tensors import TensorError, from_tensor, to_tensor
 from services.store.config import StoreConfig
-from services.store.table import EmbeddingTable, HostTable, TableConfig
+from services.store.optimizers import AdagradConfig
+from services.store.tables import TableSpec, tables_from_json
+from services.store.tiered import TieredTable
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "freshet.store.v1.EmbeddingStore"
 
 
-def parse_tables(config: StoreConfig) -> list[TableConfig]:
-    """Table configs from ``name:dim`` specs.
+def parse_tables(config: StoreConfig) -> list[TableSpec]:
+    """Table specs from ``FRESHET_STORE_TABLES_FILE`` (JSON) or ``name:dim`` specs.
 
     Raises:
-        ValueError: a spec is not ``name:dim`` with a positive dim.
+        ValueError: a spec is malformed; the message names the setting.
     """
+    if config.tables_file:
+        try:
+            return tables_from_json(Path(config.tables_file).read_text())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"FRESHET_STORE_TABLES_FILE={config.tables_file}: {exc}") from None
     tables = []
     for spec in config.tables:
         name, _, dim = spec.partition(":")
         if not name or not dim.isdigit() or int(dim) <= 0:
             raise ValueError(f"FRESHET_STORE_TABLES: bad table spec {spec!r}, expected name:dim")
         tables.append(
-            TableConfig(name=name, dim=int(dim), learning_rate=config.learning_rate, init_scale=config.init_scale)
+            TableSpec(
+                name=name,
+                dim=int(dim),
+                optimizer=AdagradConfig(learning_rate=config.learning_rate),
+                init_scale=config.init_scale,
+            )
         )
     return tables
 
@@ -39,11 +54,11 @@ def parse_tables(config: StoreConfig) -> list[TableConfig]:
 class StoreHandlers:
     """Request validation and table dispatch, separate from the server so tests can call it directly."""
 
-    def __init__(self, tables: dict[str, EmbeddingTable], config: StoreConfig) -> None:
+    def __init__(self, tables: dict[str, TieredTable], config: StoreConfig) -> None:
         self.tables = tables
         self.config = config
 
-    def _table(self, name: str) -> EmbeddingTable:
+    def _table(self, name: str) -> TieredTable:
         if name not in self.tables:
             raise BadRequest(f"unknown table {name!r}; tables: {sorted(self.tables)}", grpc.StatusCode.NOT_FOUND)
         return self.tables[name]
@@ -58,6 +73,13 @@ class StoreHandlers:
                 f"{len(fids)} fids exceed the limit of {self.config.max_fids_per_request} per request",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
+        if self.config.num_shards > 1:
+            wrong = np.flatnonzero(shard_of(fids, self.config.num_shards) != self.config.shard)
+            if len(wrong):
+                raise BadRequest(
+                    f"{len(wrong)} fids belong to other shards (e.g. fid {int(fids[wrong[0]])}); "
+                    f"this is shard {self.config.shard} of {self.config.num_shards}"
+                )
         return fids
 
     async def pull(self, request: store_pb2.PullRequest, context) -> store_pb2.PullResponse:
@@ -93,12 +115,38 @@ class StoreHandlers:
             has_more=page.has_more,
         )
 
+    def table_infos(self) -> list[store_pb2.TableInfo]:
+        infos = []
+        for name, t in sorted(self.tables.items()):
+            ckpt = t.checkpoint_info
+            infos.append(
+                store_pb2.TableInfo(
+                    name=name,
+                    dim=t.spec.dim,
+                    rows=len(t),
+                    version=t.version,
+                    checkpoint_id=ckpt.checkpoint_id,
+                    checkpoint_version=ckpt.version,
+                    checkpoint_tag=ckpt.tag,
+                    stats={k: int(v) for k, v in t.stats.items()},
+                )
+            )
+        return infos
+
     async def describe(self, request: store_pb2.DescribeRequest, context) -> store_pb2.DescribeResponse:
-        infos = [
-            store_pb2.TableInfo(name=name, dim=t.config.dim, rows=len(t), version=t.version)
-            for name, t in sorted(self.tables.items())
-        ]
-        return store_pb2.DescribeResponse(tables=infos, shard=0, num_shards=1)
+        return store_pb2.DescribeResponse(
+            tables=self.table_infos(), shard=self.config.shard, num_shards=self.config.num_shards
+        )
+
+    async def checkpoint(self, request: store_pb2.CheckpointRequest, context) -> store_pb2.CheckpointResponse:
+        if not self.config.data_dir:
+            raise BadRequest(
+                "this store has no data dir (FRESHET_STORE_DATA_DIR): checkpoints need one",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        for table in self.tables.values():
+            table.checkpoint(request.tag)
+        return store_pb2.CheckpointResponse(tables=self.table_infos())
 
 
 class StoreService(Service):
@@ -109,7 +157,14 @@ class StoreService(Service):
     def __init__(self, config: StoreConfig) -> None:
         super().__init__()
         self.config = config
-        self.tables: dict[str, EmbeddingTable] = {t.name: HostTable(t) for t in parse_tables(config)}
+        if not 0 <= config.shard < config.num_shards:
+            raise ValueError(
+                f"FRESHET_STORE_SHARD={config.shard} outside [0, FRESHET_STORE_NUM_SHARDS={config.num_shards})"
+            )
+        self.tables: dict[str, TieredTable] = {}
+        for spec in parse_tables(config):
+            data_dir = str(Path(config.data_dir) / spec.name) if config.data_dir else None
+            self.tables[spec.name] = TieredTable(spec, data_dir)
         self.handlers = StoreHandlers(self.tables, config)
         self.grpc: GrpcServer | None = None
 
@@ -130,13 +185,39 @@ class StoreService(Service):
                         "Push": (h.push, store_pb2.PushRequest),
                         "Export": (h.export, store_pb2.ExportRequest),
                         "Describe": (h.describe, store_pb2.DescribeRequest),
+                        "Checkpoint": (h.checkpoint, store_pb2.CheckpointRequest),
                     },
                 )
             ]
         )
         await self.grpc.start([SERVICE_NAME])
         self.grpc.write_port_file(self.config.port_file)
-        logger.info("store serving", extra={"address": self.grpc.address, "tables": sorted(self.tables)})
+        logger.info(
+            "store serving",
+            extra={"address": self.grpc.address, "tables": sorted(self.tables), "shard": self.config.shard},
+        )
+        self.spawn(self._maintain_forever(), "store-maintain")
+
+    async def _maintain_forever(self) -> None:
+        """TTL eviction and periodic checkpoints, between requests on the event loop."""
+        loop = asyncio.get_running_loop()
+        next_evict = loop.time() + self.config.maintain_interval_s
+        interval = self.config.checkpoint_interval_s if self.config.data_dir else 0
+        next_ckpt = loop.time() + interval if interval > 0 else float("inf")
+        while not self.stopping.is_set():
+            now = loop.time()
+            if now >= next_evict:
+                for table in self.tables.values():
+                    table.evict_expired()
+                next_evict = now + self.config.maintain_interval_s
+            if now >= next_ckpt:
+                for table in self.tables.values():
+                    table.checkpoint(table.checkpoint_info.tag)
+                next_ckpt = now + interval
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=max(0.05, min(next_evict, next_ckpt) - now))
+            except TimeoutError:
+                pass
 
     async def _before_drain(self) -> None:
         if self.grpc:
@@ -145,3 +226,7 @@ class StoreService(Service):
     async def _stop(self) -> None:
         if self.grpc:
             await self.grpc.stop(grace_s=1.0)
+        for table in self.tables.values():
+            if self.config.data_dir:
+                table.checkpoint(table.checkpoint_info.tag)  # flush state last, after requests stopped
+            table.close()

@@ -11,7 +11,9 @@ from freshet.config import env_field
 class TrainerConfig:
     """Trainer settings, each read from the named environment variable."""
 
-    store_address: str = env_field("FRESHET_STORE_ADDRESS", "host:port of the embedding store")
+    store_address: str = env_field(
+        "FRESHET_STORE_ADDRESS", "host:port of each embedding store shard, comma separated, in shard order"
+    )
     model: str = env_field("FRESHET_MODEL", "model name: subjects dense.<model>, model.<model>.*", "fm")
     table: str = env_field("FRESHET_TABLE", "embedding store table of the model's rows", "fm")
     factors: int = env_field("FRESHET_FM_FACTORS", "FM factor dim k (0 = logistic regression); rows are 1+k", 8)

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from freshet import bus, telemetry
 from freshet.batches import SampleArrays, decode_samples
-from freshet.clients import StoreClient
+from freshet.clients import ShardedStoreClient
 from freshet.config import BusConfig
 from freshet.fm import FactorizationMachine, FMConfig, segment_ids
 from freshet.metrics import ProgressiveMetrics
@@ -34,7 +34,7 @@ tracer = telemetry.tracer(__name__)
 class Learner:
     """The training step, independent of NATS so it can be tested against a store directly."""
 
-    def __init__(self, config: TrainerConfig, store: StoreClient) -> None:
+    def __init__(self, config: TrainerConfig, store: ShardedStoreClient) -> None:
         self.config = config
         self.store = store
         self.model = FactorizationMachine(FMConfig(config.factors))
@@ -88,7 +88,7 @@ class TrainerService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
-        self.store = StoreClient(config.store_address)
+        self.store = ShardedStoreClient([a.strip() for a in config.store_address.split(",") if a.strip()])
         self.learner = Learner(config, self.store)
         self._last_dense = 0.0
         self._last_dense_step = -1
@@ -134,7 +134,12 @@ class TrainerService(NatsMixin, Service):
                 if self.stopping.is_set():
                     return
                 logger.warning("store not reachable yet", extra={"code": exc.code().name})
-        tables = {t.name: t.dim for t in described.tables}
+        shards = {d.num_shards for d in described}
+        if shards != {len(described)}:
+            raise ValueError(
+                f"FRESHET_STORE_ADDRESS lists {len(described)} shards, the store says {sorted(shards)}"
+            )
+        tables = {t.name: t.dim for t in described[0].tables}
         if tables.get(self.config.table) != want:
             raise ValueError(
                 f"store table {self.config.table!r} has dim {tables.get(self.config.table)}, the model needs {want} "

@@ -1,4 +1,4 @@
-"""Tests of ``HostTable``: collisionless rows, deterministic initial values, Adagrad, versions, export paging."""
+"""Tests of ``TieredTable`` in memory: collisionless rows, initial values, Adagrad, versions, export paging."""
 
 from __future__ import annotations
 
@@ -6,14 +6,23 @@ import math
 
 import numpy as np
 
-from services.store.table import HostTable, TableConfig, initial_values
+from services.store.optimizers import AdagradConfig
+from services.store.table import initial_values
+from services.store.tables import TableSpec
+from services.store.tiered import TieredTable
 
-_CFG = TableConfig(name="fm", dim=4, learning_rate=0.2, initial_accumulator=0.1, init_scale=0.01, seed=3)
+_CFG = TableSpec(
+    name="fm",
+    dim=4,
+    optimizer=AdagradConfig(learning_rate=0.2, initial_accumulator=0.1, eps=0.0),
+    init_scale=0.01,
+    seed=3,
+)
 
 
-def _table(capacity: int = 8) -> HostTable:
+def _table(capacity: int = 8) -> TieredTable:
     # A small capacity makes every test exercise slab growth.
-    return HostTable(_CFG, capacity=capacity)
+    return TieredTable(_CFG)
 
 
 def _initial(fids) -> np.ndarray:
@@ -21,9 +30,9 @@ def _initial(fids) -> np.ndarray:
 
 
 class _ReferenceAdagrad:
-    """Adagrad on a dict of rows, one float at a time in float64: the specification HostTable must meet."""
+    """Adagrad on a dict of rows, one float at a time in float64: the specification the table must meet."""
 
-    def __init__(self, cfg: TableConfig) -> None:
+    def __init__(self, cfg: TableSpec) -> None:
         self.cfg = cfg
         self.values: dict[int, list[float]] = {}
         self.accum: dict[int, list[float]] = {}
@@ -37,10 +46,10 @@ class _ReferenceAdagrad:
         for fid, grad in summed.items():
             if fid not in self.values:
                 self.values[fid] = [float(x) for x in _initial([fid])[0]]
-                self.accum[fid] = [self.cfg.initial_accumulator] * self.cfg.dim
+                self.accum[fid] = [self.cfg.optimizer.initial_accumulator] * self.cfg.dim
             for d in range(self.cfg.dim):
                 self.accum[fid][d] += grad[d] * grad[d]
-                self.values[fid][d] -= self.cfg.learning_rate * grad[d] / math.sqrt(self.accum[fid][d])
+                self.values[fid][d] -= self.cfg.optimizer.learning_rate * grad[d] / math.sqrt(self.accum[fid][d])
 
 
 def _distinct_fids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -59,8 +68,8 @@ def test_200k_distinct_fids_get_distinct_rows_and_read_back_their_own_values():
     assert table.push(fids, grads) == len(fids)
 
     assert len(table) == len(fids)
-    accum = np.float32(_CFG.initial_accumulator) + grads * grads
-    expected = _initial(fids) - np.float32(_CFG.learning_rate) * grads / np.sqrt(accum)
+    accum = np.float32(_CFG.optimizer.initial_accumulator) + grads * grads
+    expected = _initial(fids) - np.float32(_CFG.optimizer.learning_rate) * grads / np.sqrt(accum)
     np.testing.assert_allclose(table.pull(fids), expected, rtol=1e-5, atol=1e-7)
     # Reading in another order returns each fid's own row, not the row at the same position.
     perm = rng.permutation(len(fids))
@@ -145,7 +154,7 @@ def test_every_written_row_gets_its_own_increasing_version():
     assert all_versions == sorted(set(all_versions))
 
 
-def _drain(table: HostTable, since: int, limit: int, between=None) -> tuple[list[tuple[int, int]], int]:
+def _drain(table: TieredTable, since: int, limit: int, between=None) -> tuple[list[tuple[int, int]], int]:
     """Pages through export from ``since``; calls ``between(page_no)`` after each page. Returns (fid, version)s."""
     got: list[tuple[int, int]] = []
     pages = 0

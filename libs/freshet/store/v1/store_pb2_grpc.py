@@ -55,6 +55,11 @@ class EmbeddingStoreStub:
                 request_serializer=freshet_dot_store_dot_v1_dot_store__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/freshet.store.v1.EmbeddingStore/Checkpoint',
+                request_serializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -83,7 +88,15 @@ class EmbeddingStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Describe(self, request, context):
-        """Table names and shapes.
+        """Table names, shapes, checkpoint and tier statistics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checkpoint(self, request, context):
+        """Makes every table of the shard durable now; the tag (e.g. the trainer's stream position)
+        is stored with the checkpoint and reported by Describe after a restart.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +124,11 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.DescribeRequest.FromString,
                     response_serializer=freshet_dot_store_dot_v1_dot_store__pb2.DescribeResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointRequest.FromString,
+                    response_serializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class EmbeddingStore:
             '/freshet.store.v1.EmbeddingStore/Describe',
             freshet_dot_store_dot_v1_dot_store__pb2.DescribeRequest.SerializeToString,
             freshet_dot_store_dot_v1_dot_store__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshet.store.v1.EmbeddingStore/Checkpoint',
+            freshet_dot_store_dot_v1_dot_store__pb2.CheckpointRequest.SerializeToString,
+            freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,371 @@
+"""The store's table: host tier in front of RocksDB, with admission, TTL, demotion and checkpoints.
+
+Where a row lives:
+- host (``HostTier``): every row that was written since it was last loaded, plus promoted rows;
+- RocksDB (``ColdStore``): the durable copy of every row as of the last checkpoint, and the only
+  copy of rows demoted from the host. A row is demoted only when clean (unchanged since the last
+  checkpoint), so RocksDB always holds exactly the state of the last checkpoint;
+- device cache (optional): a mirror of the hottest host rows for pulls.
+
+A checkpoint writes the host rows changed since the previous one, the fids evicted since then,
+the version counter and the admission state in one RocksDB WriteBatch: after ``kill -9`` the
+table reopens at exactly its last checkpoint, and reports that checkpoint's id and tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from freshet.fids import slot_of
+from services.store.admission import Admission, make_admission
+from services.store.cold import ColdStore, RowBatch
+from services.store.host import HostTier
+from services.store.optimizers import make_optimizer
+from services.store.table import EmbeddingTable, ExportPage, initial_values
+from services.store.tables import TableSpec
+
+logger = logging.getLogger(__name__)
+
+META_CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint captured: its id, the table version, the caller's tag (e.g. a stream position)."""
+
+    checkpoint_id: int
+    version: int
+    tag: str
+    created_s: float
+
+
+@numba.njit(cache=True, nogil=True)
+def _segment_sum(inverse, grads, out):
+    for i in range(inverse.shape[0]):
+        r = inverse[i]
+        for j in range(grads.shape[1]):
+            out[r, j] += grads[i, j]
+
+
+class TieredTable(EmbeddingTable):
+    """One table of one shard.
+
+    Args:
+        spec: the table's configuration.
+        data_dir: RocksDB directory for cold rows and checkpoints; ``None`` keeps rows in memory
+            only (no demotion, no checkpoints).
+        clock: seconds since the epoch; injectable for TTL tests.
+    """
+
+    def __init__(self, spec: TableSpec, data_dir: str | None = None, clock=time.time) -> None:
+        self.config = spec
+        self.spec = spec
+        self.clock = clock
+        self.optimizer = make_optimizer(spec.optimizer)
+        self.state_width = self.optimizer.state_width(spec.dim)
+        self.width = spec.dim + self.state_width
+        self.host = HostTier(self.width, capacity=min(spec.host_capacity or 1024, 1 << 20))
+        if spec.host_capacity is not None and data_dir is None:
+            raise ValueError(f"table {spec.name!r}: host_capacity needs a data dir to demote rows to")
+        self.cold = ColdStore(data_dir, self.width) if data_dir else None
+        self._admission: dict[int, Admission] = {}
+        self._version = 0
+        self._checkpoint = CheckpointInfo(0, 0, "", 0.0)
+        self._evicted_since_checkpoint: list[np.ndarray] = []
+        self._cold_max_version = 0
+        self.stats: Counter = Counter()
+        if self.cold is not None:
+            self._restore()
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def checkpoint_info(self) -> CheckpointInfo:
+        return self._checkpoint
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def pull(self, fids: np.ndarray) -> np.ndarray:
+        """Values float32 [n, dim]: host, then RocksDB, then the initial value (not inserted)."""
+        dim = self.spec.dim
+        out = np.empty((len(fids), dim), np.float32)
+        rows = self.host.find_gather(fids, out)
+        miss = np.flatnonzero(rows < 0)
+        self.stats["pull_keys"] += len(fids)
+        self.stats["host_hits"] += len(fids) - len(miss)
+        if len(miss):
+            self._fill_misses(fids[miss], out, miss)
+        return out
+
+    def _fill_misses(self, fids: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        dim = self.spec.dim
+        left = np.ones(len(fids), bool)
+        if self.cold is not None:
+            found, rows = self.cold.get(fids)
+            if found.any():
+                out[positions[found]] = rows.data[found, :dim]
+                self.stats["cold_hits"] += int(found.sum())
+                self._queue_promotion(rows.take(found))
+            left = ~found
+        if left.any():
+            out[positions[left]] = initial_values(fids[left], dim, self.spec.init_scale, self.spec.seed)
+            self.stats["initial_reads"] += int(left.sum())
+
+    def _queue_promotion(self, rows: RowBatch) -> None:
+        # Pulled cold rows are hot again: bring them to the host now, capacity permitting.
+        if self.spec.host_capacity is None or len(self.host) + len(rows) <= self.spec.host_capacity:
+            self._load_rows(rows)
+            self.stats["promoted"] += len(rows)
+
+    def _load_rows(self, rows: RowBatch) -> np.ndarray:
+        host_rows = self.host.insert(rows.fids)
+        self.host.floats[host_rows, 2:] = rows.data
+        self.host.versions[host_rows] = rows.versions
+        self.host.freqs[host_rows] = rows.freqs
+        self.host.last_seen[host_rows] = rows.last_seen
+        return host_rows
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def push(self, fids: np.ndarray, grads: np.ndarray) -> int:
+        """Sums duplicate fids, admits new ones, applies the optimizer; returns rows updated."""
+        unique, inverse, counts = np.unique(fids, return_inverse=True, return_counts=True)
+        summed = np.zeros((len(unique), self.spec.dim), np.float32)
+        _segment_sum(inverse.astype(np.int64), np.ascontiguousarray(grads, np.float32), summed)
+        rows = self.host.find(unique)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            rows[missing] = self._materialise(unique[missing])
+        keep = rows >= 0
+        if not keep.all():
+            self.stats["dropped_grads"] += int((~keep).sum())
+            rows, summed, counts = rows[keep], summed[keep], counts[keep]
+        if not len(rows):
+            return 0
+        block = self.host.floats[rows, 2:]
+        values, state = block[:, : self.spec.dim], block[:, self.spec.dim :]
+        self.optimizer.apply(values, state, summed)
+        block[:, : self.spec.dim], block[:, self.spec.dim :] = values, state
+        self.host.floats[rows, 2:] = block
+        # One version per row keeps export pages exact: a page never splits a version.
+        self.host.versions[rows] = self._version + 1 + np.arange(len(rows))
+        self._version += len(rows)
+        self.host.freqs[rows] += counts.astype(np.uint32)
+        self.host.last_seen[rows] = np.uint32(self.clock())
+        self.stats["pushed_rows"] += len(rows)
+        if self.spec.host_capacity is not None and len(self.host) > self.spec.host_capacity:
+            self.demote(len(self.host) - self.spec.host_capacity)
+        return len(rows)
+
+    def _materialise(self, fids: np.ndarray) -> np.ndarray:
+        """Host rows for fids not in the host: loaded from RocksDB, or created if admitted; -1 if not."""
+        out = np.full(len(fids), -1, np.int64)
+        new = np.ones(len(fids), bool)
+        if self.cold is not None:
+            found, rows = self.cold.get(fids)
+            if found.any():
+                out[found] = self._load_rows(rows.take(found))
+                self.stats["promoted"] += int(found.sum())
+            new = ~found
+        if new.any():
+            candidates = fids[new]
+            admitted = self._admit(candidates)
+            fresh = candidates[admitted]
+            if len(fresh):
+                host_rows = self.host.insert(fresh)
+                dim = self.spec.dim
+                self.host.floats[host_rows, 2 : 2 + dim] = initial_values(
+                    fresh, dim, self.spec.init_scale, self.spec.seed
+                )
+                self.host.floats[host_rows, 2 + dim :] = self.optimizer.init_state(len(fresh), dim)
+                self.host.freqs[host_rows] = 0
+                idx = np.flatnonzero(new)[admitted]
+                out[idx] = host_rows
+                self.stats["admitted"] += len(fresh)
+        return out
+
+    def _admit(self, fids: np.ndarray) -> np.ndarray:
+        admitted = np.ones(len(fids), bool)
+        slots = slot_of(fids)
+        for slot in np.unique(slots).tolist():
+            policy = self.spec.policy(int(slot))
+            if policy.admission is None:
+                continue
+            sel = slots == slot
+            admitted[sel] = self._admission_for(int(slot)).admit(fids[sel])
+        return admitted
+
+    def _admission_for(self, slot: int) -> Admission:
+        if slot not in self._admission:
+            self._admission[slot] = make_admission(self.spec.policy(slot).admission)
+        return self._admission[slot]
+
+    # -- eviction and demotion ---------------------------------------------------------------------
+
+    def evict_expired(self, now: float | None = None, include_cold: bool = False) -> int:
+        """Erases rows whose slot has a TTL and that were not seen within it; returns rows evicted.
+
+        Host rows go at once. With ``include_cold`` RocksDB is scanned too (a full scan: run it
+        rarely); expired cold rows are deleted at the next checkpoint, which keeps RocksDB equal
+        to the last checkpoint in between.
+        """
+        now = self.clock() if now is None else now
+        ttl_slots = {s: p.ttl_s for s, p in self.spec.slots.items() if p.ttl_s is not None}
+        default_ttl = self.spec.default_policy.ttl_s
+        if not ttl_slots and default_ttl is None:
+            return 0
+        live = self.host.live_rows()
+        fids = self.host.fids_of(live)
+        slots = slot_of(fids)
+        ttl = np.full(len(live), np.inf if default_ttl is None else default_ttl)
+        for slot, seconds in ttl_slots.items():
+            ttl[slots == slot] = seconds
+        expired = fids[self.host.last_seen[live] + ttl < now]
+        if len(expired):
+            self.host.erase(expired)
+            if self.cold is not None:
+                self._evicted_since_checkpoint.append(expired)
+        total = len(expired)
+        if include_cold and self.cold is not None:
+            for batch in self.cold.scan():
+                ttl = np.array([self._ttl(int(s)) for s in slot_of(batch.fids).tolist()])
+                old = batch.fids[(batch.last_seen + ttl < now) & (self.host.find(batch.fids) < 0)]
+                if len(old):
+                    self._evicted_since_checkpoint.append(old)
+                    total += len(old)
+        self.stats["evicted_ttl"] += total
+        return total
+
+    def _ttl(self, slot: int) -> float:
+        ttl = self.spec.policy(slot).ttl_s
+        return np.inf if ttl is None else ttl
+
+    def demote(self, n: int) -> int:
+        """Moves ``n`` of the least valuable host rows (LFU or LRU) to RocksDB; returns rows demoted."""
+        if self.cold is None or n <= 0:
+            return 0
+        if self.host.changed_rows(self._checkpoint.version).size:
+            self.checkpoint(tag=self._checkpoint.tag)  # only clean rows may leave the host
+        live = self.host.live_rows()
+        score = self.host.freqs[live] if self.spec.demotion == "lfu" else self.host.last_seen[live]
+        victims = live[np.argsort(score, kind="stable")[:n]]
+        self.host.erase(self.host.fids_of(victims))
+        self.stats["demoted"] += len(victims)
+        return len(victims)
+
+    # -- export ------------------------------------------------------------------------------------
+
+    def export(self, since_version: int, limit: int) -> ExportPage:
+        dim = self.spec.dim
+        rows = self.host.changed_rows(since_version)
+        fids = self.host.fids_of(rows)
+        values = self.host.floats[rows, 2 : 2 + dim]
+        versions = self.host.versions[rows]
+        if self.cold is not None and self._cold_max_version > since_version:
+            # Rows demoted or restored since then live only in RocksDB.
+            in_host = set(fids.tolist())
+            parts = [b for b in self.cold.scan_changed(since_version) if len(b)]
+            if parts:
+                cold = RowBatch.concat(parts)
+                keep = np.fromiter((f not in in_host for f in cold.fids.tolist()), bool, len(cold))
+                fids = np.concatenate([fids, cold.fids[keep]])
+                values = np.concatenate([values, cold.data[keep, :dim]])
+                versions = np.concatenate([versions, cold.versions[keep]])
+        order = np.argsort(versions, kind="stable")
+        has_more = len(order) > limit
+        page = order[:limit]
+        if not len(page):
+            next_version = since_version if has_more else self._version
+        else:
+            next_version = int(versions[page[-1]]) if has_more else self._version
+        return ExportPage(
+            fids=fids[page],
+            values=np.ascontiguousarray(values[page]),
+            versions=versions[page],
+            next_version=next_version,
+            has_more=has_more,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint(self, tag: str = "") -> CheckpointInfo:
+        """Makes the current state durable in one atomic RocksDB write; returns what it captured.
+
+        Only what changed since the previous checkpoint is written (incremental); RocksDB then
+        holds the complete table as of this checkpoint.
+
+        Raises:
+            RuntimeError: the table has no data dir.
+        """
+        if self.cold is None:
+            raise RuntimeError(f"table {self.spec.name!r} has no data dir: checkpoints need one")
+        rows = self.host.changed_rows(self._checkpoint.version)
+        batch = RowBatch(
+            fids=self.host.fids_of(rows),
+            versions=self.host.versions[rows],
+            freqs=self.host.freqs[rows],
+            last_seen=self.host.last_seen[rows],
+            data=self.host.floats[rows, 2:],
+        )
+        evicted = np.concatenate(self._evicted_since_checkpoint) if self._evicted_since_checkpoint else None
+        info = CheckpointInfo(self._checkpoint.checkpoint_id + 1, self._version, tag, time.time())
+        meta = {META_CHECKPOINT: json.dumps(info.__dict__).encode()}
+        for slot, admission in self._admission.items():
+            meta[f"admission:{slot}"] = admission.state_bytes()
+        meta["admission_slots"] = json.dumps([f"admission:{slot}" for slot in self._admission]).encode()
+        self.cold.write(rows=batch, delete_fids=evicted, meta=meta)
+        self.cold.flush()
+        self._evicted_since_checkpoint.clear()
+        self._checkpoint = info
+        self._cold_max_version = max(self._cold_max_version, self._version)
+        self.stats["checkpoint_rows"] += len(batch)
+        return info
+
+    def snapshot(self, dest: str, tag: str = "") -> CheckpointInfo:
+        """A full, self-contained copy of the table at a new checkpoint, in directory ``dest``."""
+        info = self.checkpoint(tag)
+        self.cold.checkpoint(dest)
+        return info
+
+    def _restore(self) -> None:
+        raw = self.cold.get_meta(META_CHECKPOINT)
+        if raw is None:
+            return
+        self._checkpoint = CheckpointInfo(**json.loads(raw))
+        self._version = self._checkpoint.version
+        self._cold_max_version = self._version
+        for name in self._meta_admission_names():
+            slot = int(name.split(":", 1)[1])
+            self._admission_for(slot).load_state(self.cold.get_meta(name))
+        logger.info(
+            "table restored",
+            extra={
+                "table": self.spec.name,
+                "checkpoint_id": self._checkpoint.checkpoint_id,
+                "version": self._version,
+            },
+        )
+
+    def _meta_admission_names(self) -> list[str]:
+        raw = self.cold.get_meta("admission_slots")
+        return json.loads(raw) if raw else []
+
+    def close(self) -> None:
+        if self.cold is not None:
+            self.cold.close()
+
+    def bytes_per_row(self) -> float:
+        """Host memory per stored row (index, slab and headers)."""
+        return self.host.nbytes() / max(len(self.host), 1)
