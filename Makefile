@@ -27,8 +27,8 @@ protos-check: $(STAMP) ## regenerate protos and fail if the committed code diffe
 	$(BIN)/python scripts/gen_protos.py --check
 
 lint: $(STAMP) ## ruff format check + ruff check
-	$(BIN)/ruff format --check libs services tests integration scripts
-	$(BIN)/ruff check libs services tests integration scripts
+	$(BIN)/ruff format --check libs services tests integration scripts bench
+	$(BIN)/ruff check libs services tests integration scripts bench
 
 format: $(STAMP) ## ruff format + autofix
 	$(BIN)/ruff format libs services tests integration scripts

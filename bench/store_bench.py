@@ -39,14 +39,23 @@ from services.store.tiered import TieredTable
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def power_law_queries(ids: np.ndarray, n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
-    """n fids drawn with P(rank k) ~ k^-alpha over a random ranking of ``ids``."""
+def power_law_queries(ranked_ids: np.ndarray, n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """n fids drawn with P(k-th of ``ranked_ids``) ~ k^-alpha: the ranking (which ids are hot) is fixed."""
     ranks = np.empty(0, np.int64)
     while len(ranks) < n:
         draw = rng.zipf(alpha, 2 * n)
-        ranks = np.concatenate([ranks, draw[draw <= len(ids)] - 1])
-    order = rng.permutation(len(ids))
-    return ids[order[ranks[:n]]]
+        ranks = np.concatenate([ranks, draw[draw <= len(ranked_ids)] - 1])
+    return ranked_ids[ranks[:n]]
+
+
+def arrival_order(ranked_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Ids in the order they first appear in a power-law stream (then the never-seen ones):
+    the order in which a live table creates its rows."""
+    stream = power_law_queries(ranked_ids, 4 * len(ranked_ids), 1.2, rng)
+    _, first = np.unique(stream, return_index=True)
+    seen = stream[np.sort(first)]
+    unseen = np.setdiff1d(ranked_ids, seen)
+    return np.concatenate([seen, unseen[rng.permutation(len(unseen))]])
 
 
 def timed_rate(fn, batches: list[np.ndarray], min_seconds: float = 1.0) -> float:
@@ -62,41 +71,64 @@ def timed_rate(fn, batches: list[np.ndarray], min_seconds: float = 1.0) -> float
             return keys / elapsed
 
 
-def bench_in_process(n_ids: int, dim: int, rng: np.random.Generator) -> dict:
-    spec = TableSpec("bench", dim, optimizer=RowwiseAdagradConfig(learning_rate=0.05))
+def bench_in_process(n_ids: int, dim: int, cache_rows: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+    spec = TableSpec(
+        "bench",
+        dim,
+        optimizer=RowwiseAdagradConfig(learning_rate=0.05),
+        device_cache_rows=cache_rows,
+        initial_rows=n_ids,
+    )
     table = TieredTable(spec)
     ids = np.unique(rng.integers(0, 2**62, n_ids, dtype=np.int64))
-    for chunk in np.array_split(ids, max(1, len(ids) // 65536)):
+    ranked = ids[rng.permutation(len(ids))]  # which ids are hot is fixed for the whole run
+    for chunk in np.array_split(arrival_order(ranked, rng), max(1, len(ids) // 65536)):
         table.push(chunk, np.zeros((len(chunk), dim), np.float32))
-    out = {"ids": len(ids), "dim": dim}
+    # Warm-up traffic teaches the table which rows are hot; the cache is refreshed from it.
+    for _ in range(100):
+        table.pull(power_law_queries(ranked, 2000, 1.2, rng))
+    table.refresh_cache()
+    out = {"ids": len(ids), "dim": dim, "device_cache_rows": cache_rows, "device": str(table.cache.device)}
     for batch in (2000, 65536):
-        queries = power_law_queries(ids, batch * 200, 1.2, rng)
+        queries = power_law_queries(ranked, batch * 200, 1.2, rng)
         batches = [queries[i : i + batch] for i in range(0, len(queries), batch)]
+        table.stats.clear()
         out[f"lookup_keys_per_s_{batch}"] = timed_rate(table.pull, batches)
+        out[f"cache_hit_rate_{batch}"] = table.stats["cache_hits"] / table.stats["pull_keys"]
     push_batches = [rng.choice(ids, 2000, replace=False) for _ in range(50)]
     grads = rng.normal(0, 0.01, (2000, dim)).astype(np.float32)
     out["push_rows_per_s"] = timed_rate(lambda b: table.push(b, grads), push_batches)
     state_bytes = 4 * table.state_width
     out["bytes_per_row_training"] = table.bytes_per_row()
     out["bytes_per_row_target"] = 1.25 * (dim * 4 + state_bytes) + 24
+    out["device_cache_bytes_per_row"] = table.cache.nbytes() / len(ids)
     replica = Replica(dim)
     values = rng.normal(0, 0.1, (len(ids), dim)).astype(np.float32)
     replica.apply(Delta("m", "bench", 0, 1, 0, 1, ids, values))
     out["bytes_per_row_serving_fp32"] = replica.nbytes() / len(ids)
-    return out, table, ids
+    return out, ranked
 
 
 def bench_tiers(n_ids: int, dim: int, rng: np.random.Generator, tmp: str) -> dict:
+    """Training-like traffic (pull, then push the same fids) with a host tier holding 20 % of the ids."""
     spec = TableSpec("tiers", dim, optimizer=RowwiseAdagradConfig(), host_capacity=n_ids // 5)
     table = TieredTable(spec, data_dir=os.path.join(tmp, "tiers"))
     ids = np.unique(rng.integers(0, 2**62, n_ids, dtype=np.int64))
+    ranked = ids[rng.permutation(len(ids))]
     for chunk in np.array_split(ids, max(1, len(ids) // 20000)):
         table.push(chunk, np.zeros((len(chunk), dim), np.float32))
+    grads = np.full((2000, dim), 1e-3, np.float32)
+
+    def step(batch: np.ndarray) -> None:
+        table.pull(batch)
+        table.push(batch, grads[: len(batch)])
+
+    for _ in range(200):  # let demotion and promotion settle on the hot set
+        step(power_law_queries(ranked, 2000, 1.2, rng))
     table.stats.clear()
-    queries = power_law_queries(ids, 400_000, 1.2, rng)
     start = time.perf_counter()
-    for i in range(0, len(queries), 2000):
-        table.pull(queries[i : i + 2000])
+    for _ in range(200):
+        step(power_law_queries(ranked, 2000, 1.2, rng))
     elapsed = time.perf_counter() - start
     s = table.stats
     total = s["pull_keys"]
@@ -107,14 +139,14 @@ def bench_tiers(n_ids: int, dim: int, rng: np.random.Generator, tmp: str) -> dic
         "cold_hit_rate": s["cold_hits"] / total,
         "initial_read_rate": s["initial_reads"] / total,
         "promoted_rows": s["promoted"],
-        "lookup_keys_per_s": total / elapsed,
+        "demoted_rows": s["demoted"],
+        "train_steps_per_s": 200 / elapsed,
     }
     table.close()
     return result
 
 
-async def bench_grpc(ids: np.ndarray, dim: int, rng: np.random.Generator, tmp: str) -> dict:
-    ports = [free_port(), free_port()]
+def start_shards(dim: int, ports: list[int]) -> list[subprocess.Popen]:
     procs = []
     for shard, port in enumerate(ports):
         env = {
@@ -126,6 +158,23 @@ async def bench_grpc(ids: np.ndarray, dim: int, rng: np.random.Generator, tmp: s
             "FRESHET_LOG_LEVEL": "WARNING",
         }
         procs.append(subprocess.Popen([sys.executable, "-m", "services.store"], env=env))
+    return procs
+
+
+async def pull_concurrently(client: ShardedStoreClient, batches: list[np.ndarray], inflight: int) -> None:
+    """Pulls every batch with at most ``inflight`` requests outstanding."""
+    sem = asyncio.Semaphore(inflight)
+
+    async def one(batch: np.ndarray) -> None:
+        async with sem:
+            await client.pull("bench", batch)
+
+    await asyncio.gather(*(one(b) for b in batches))
+
+
+async def bench_grpc(ids: np.ndarray, dim: int, rng: np.random.Generator) -> dict:
+    ports = [free_port(), free_port()]
+    procs = await asyncio.to_thread(start_shards, dim, ports)
     client = ShardedStoreClient([f"127.0.0.1:{p}" for p in ports], timeout_s=60)
     try:
         for chunk in np.array_split(ids, max(1, len(ids) // 65536)):
@@ -135,14 +184,8 @@ async def bench_grpc(ids: np.ndarray, dim: int, rng: np.random.Generator, tmp: s
             queries = power_law_queries(ids, batch * 100, 1.2, rng)
             batches = [queries[i : i + batch] for i in range(0, len(queries), batch)]
             await client.pull("bench", batches[0])
-            sem = asyncio.Semaphore(inflight)
-
-            async def one(b):
-                async with sem:
-                    await client.pull("bench", b)
-
             start = time.perf_counter()
-            await asyncio.gather(*(one(b) for b in batches))
+            await pull_concurrently(client, batches, inflight)
             result[f"grpc_pull_keys_per_s_{batch}"] = sum(map(len, batches)) / (time.perf_counter() - start)
         return result
     finally:
@@ -194,16 +237,25 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--tier-ids", type=int, default=300_000, help="distinct fids in the tiered test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-rows", type=int, default=65536, help="device cache rows (hottest ids)")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        local, _, ids = bench_in_process(args.ids, args.dim, rng)
+        local, ids = bench_in_process(args.ids, args.dim, args.cache_rows, rng)
         tiers = bench_tiers(args.tier_ids, args.dim, rng, tmp)
-        grpc_figures = asyncio.run(bench_grpc(ids[: min(len(ids), 1_000_000)], args.dim, rng, tmp))
+        grpc_figures = asyncio.run(bench_grpc(ids[: min(len(ids), 1_000_000)], args.dim, rng))
     redis_figures = bench_redis(ids, args.dim, rng)
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "settings": {"ids": local["ids"], "dim": args.dim, "alpha": 1.2, "optimizer": "rowwise_adagrad"},
+        "settings": {
+            "ids": local["ids"],
+            "dim": args.dim,
+            "alpha": 1.2,
+            "optimizer": "rowwise_adagrad",
+            "device_cache_rows": args.cache_rows,
+            "device": local["device"],
+        },
+        "cache_hit_rate": local["cache_hit_rate_2000"],
         "lookup_keys_per_s": local["lookup_keys_per_s_2000"],
         "lookup_keys_per_s_65536": local["lookup_keys_per_s_65536"],
         "push_rows_per_s": local["push_rows_per_s"],
@@ -221,6 +273,11 @@ def main() -> int:
     (RESULTS / "store.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [
         ("in-process lookup, 2,000-key batches", f"{report['lookup_keys_per_s'] / 1e6:.1f} M keys/s", "≥ 20 M"),
+        (
+            "device cache hit rate",
+            f"{report['cache_hit_rate']:.1%} ({args.cache_rows:,} rows, {local['device']})",
+            "",
+        ),
         ("in-process lookup, 65,536-key batches", f"{report['lookup_keys_per_s_65536'] / 1e6:.1f} M keys/s", ""),
         ("Push (rowwise Adagrad, 2,000 rows)", f"{report['push_rows_per_s'] / 1e6:.2f} M rows/s", ""),
         ("gRPC Pull, 2 shards, 65,536 keys", f"{report['grpc_pull_keys_per_s'] / 1e6:.2f} M keys/s", "≥ 2 M"),
@@ -242,6 +299,7 @@ def main() -> int:
             f"{tiers['host_hit_rate']:.1%} (RocksDB {tiers['cold_hit_rate']:.1%})",
             "",
         ),
+        ("training steps/s with tiers (pull + push 2,000 keys)", f"{tiers['train_steps_per_s']:.0f}", ""),
     ]
     table = "| measure | value | target |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     (RESULTS / "store.md").write_text(table + "\n")

@@ -7,7 +7,10 @@ Layout, chosen for memory and for lookup locality:
   costs one index read and one row read, and the index costs 4 B / load factor per fid.
 - ``rows``: int32 [capacity, 2 + width] records: fid (two int32 words) then ``width`` float32
   words (the value followed by the optimizer state), viewed as float32 for arithmetic.
-- headers in parallel arrays: version int64, freq uint32, last_seen uint32 (seconds).
+- headers in parallel arrays: version int64 (-1 marks a free row), freq uint32, last_seen uint32
+  (seconds).
+
+The slab grows by 1/8 at a time, so at most about 12 % of it is ever unused.
 
 Two fids never share a row: the fid is compared exactly on every probe (the hash only picks
 where the probe starts). Erased slots become tombstones, reused by later inserts and dropped
@@ -155,10 +158,10 @@ def _live_rows(index, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _changed_rows(versions, live, since, out):
+def _changed_rows(versions, since, out):
     n = 0
     for r in range(versions.shape[0]):
-        if live[r] and versions[r] > since:
+        if versions[r] > since:
             out[n] = r
             n += 1
     return n
@@ -169,7 +172,7 @@ class HostTier:
 
     Args:
         width: float32 columns per row (value dim + optimizer state width).
-        capacity: rows to allocate up front; the slab grows by 1.25x when full.
+        capacity: rows to allocate up front; the slab grows by 1/8 when full.
         max_load: index load (rows + tombstones) that triggers a rebuild at twice the size.
     """
 
@@ -178,10 +181,9 @@ class HostTier:
         self.max_load = max_load
         capacity = max(int(capacity), 16)
         self._rows = np.zeros((capacity, FID_WORDS + width), np.int32)
-        self.versions = np.zeros(capacity, np.int64)
+        self.versions = np.full(capacity, -1, np.int64)
         self.freqs = np.zeros(capacity, np.uint32)
         self.last_seen = np.zeros(capacity, np.uint32)
-        self._live = np.zeros(capacity, np.bool_)
         self._index = np.full(_pow2(capacity / max_load), EMPTY, np.int32)
         self._free = np.zeros(16, np.int32)
         self._free_top = 0
@@ -199,7 +201,7 @@ class HostTier:
 
     def nbytes(self) -> int:
         """Bytes held by the index, the slab and the headers."""
-        parts = (self._rows, self.versions, self.freqs, self.last_seen, self._live, self._index, self._free)
+        parts = (self._rows, self.versions, self.freqs, self.last_seen, self._index, self._free)
         return sum(a.nbytes for a in parts)
 
     def find(self, fids: np.ndarray) -> np.ndarray:
@@ -225,7 +227,8 @@ class HostTier:
         )
         created = (before_free - self._free_top) + (self._next_row - before_next)
         self._size += created
-        self._live[out] = True
+        fresh = out[self.versions[out] < 0]
+        self.versions[fresh] = 0
         return out
 
     def erase(self, fids: np.ndarray) -> np.ndarray:
@@ -234,8 +237,7 @@ class HostTier:
         _erase(self._index, self._rows, fids, out)
         freed = out[out >= 0]
         if len(freed):
-            self._live[freed] = False
-            self.versions[freed] = 0
+            self.versions[freed] = -1
             if self._free_top + len(freed) > len(self._free):
                 self._free = np.resize(self._free, max(2 * len(self._free), self._free_top + len(freed)))
             self._free[self._free_top : self._free_top + len(freed)] = freed
@@ -251,24 +253,23 @@ class HostTier:
 
     def live_rows(self) -> np.ndarray:
         """Every occupied row, int64 [len(self)]."""
-        return np.flatnonzero(self._live[: self._next_row])
+        return np.flatnonzero(self.versions[: self._next_row] >= 0)
 
     def changed_rows(self, since_version: int) -> np.ndarray:
         """Rows whose version is above ``since_version`` (unordered)."""
         out = np.empty(self._size, np.int64)
-        n = _changed_rows(self.versions[: self._next_row], self._live[: self._next_row], since_version, out)
+        n = _changed_rows(self.versions[: self._next_row], max(since_version, -1), out)
         return out[:n]
 
     def _reserve(self, extra: int) -> None:
         need = self._next_row + max(0, extra - self._free_top)
         cap = len(self._rows)
         if need > cap:
-            new_cap = max(need, int(cap * 1.25) + 16)
+            new_cap = max(need, cap + cap // 8 + 16)
             self._rows = _grow(self._rows, new_cap)
-            self.versions = _grow(self.versions, new_cap)
+            self.versions = _grow(self.versions, new_cap, fill=-1)
             self.freqs = _grow(self.freqs, new_cap)
             self.last_seen = _grow(self.last_seen, new_cap)
-            self._live = _grow(self._live, new_cap)
         if self._size + self._tombs + extra > self.max_load * len(self._index):
             # Rebuild (dropping tombstones) at a size that leaves room to grow before the next one.
             live = np.empty(self._size, np.int64)
@@ -282,7 +283,7 @@ def _pow2(x: float) -> int:
     return 1 << max(4, int(np.ceil(np.log2(max(x, 16)))))
 
 
-def _grow(array: np.ndarray, rows: int) -> np.ndarray:
-    grown = np.zeros((rows, *array.shape[1:]), array.dtype)
+def _grow(array: np.ndarray, rows: int, fill: int = 0) -> np.ndarray:
+    grown = np.full((rows, *array.shape[1:]), fill, array.dtype)
     grown[: len(array)] = array
     return grown

@@ -25,9 +25,20 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _G_MAX = float(2**62)
 
 
-def _check(name: str, ok: bool) -> None:
-    if not ok:
-        raise ValueError(f"invalid optimizer setting {name}")
+def _validate(config: object, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be > 0, got {getattr(config, name)}")
+    for name in non_negative:
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be >= 0, got {getattr(config, name)}")
+
+
+def _validate_adagrad(config: AdagradConfig | RowwiseAdagradConfig) -> None:
+    _validate(config, positive=("learning_rate",), non_negative=("initial_accumulator", "eps"))
+    # Both zero would make a zero gradient on a fresh row compute 0 / 0.
+    if config.eps == 0 and config.initial_accumulator == 0:
+        raise ValueError(f"{type(config).__name__} needs eps > 0 or initial_accumulator > 0")
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,7 @@ class SGDConfig:
     learning_rate: float = 0.05
 
     def __post_init__(self) -> None:
-        _check(f"learning_rate={self.learning_rate} (must be > 0)", self.learning_rate > 0)
+        _validate(self, positive=("learning_rate",))
 
 
 @dataclass(frozen=True)
@@ -55,9 +66,7 @@ class AdagradConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check(f"learning_rate={self.learning_rate} (must be > 0)", self.learning_rate > 0)
-        _check(f"initial_accumulator={self.initial_accumulator} (must be >= 0)", self.initial_accumulator >= 0)
-        _check(f"eps={self.eps} (must be >= 0)", self.eps >= 0)
+        _validate_adagrad(self)
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,7 @@ class RowwiseAdagradConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check(f"learning_rate={self.learning_rate} (must be > 0)", self.learning_rate > 0)
-        _check(f"initial_accumulator={self.initial_accumulator} (must be >= 0)", self.initial_accumulator >= 0)
-        _check(f"eps={self.eps} (must be >= 0)", self.eps >= 0)
+        _validate_adagrad(self)
 
 
 @dataclass(frozen=True)
@@ -103,14 +110,10 @@ class FTRLConfig:
     l2: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(f"alpha={self.alpha} (must be > 0)", self.alpha > 0)
-        _check(f"beta={self.beta} (must be >= 0)", self.beta >= 0)
-        _check(f"l1={self.l1} (must be >= 0)", self.l1 >= 0)
-        _check(f"l2={self.l2} (must be >= 0)", self.l2 >= 0)
-        # At n = 0 the closed form divides by beta / alpha + l2; zero would make a fresh row's value undefined.
-        _check(
-            f"beta={self.beta}, l2={self.l2} (beta / alpha + l2 must be > 0)", self.beta / self.alpha + self.l2 > 0
-        )
+        _validate(self, positive=("alpha",), non_negative=("beta", "l1", "l2"))
+        # At n = 0 the closed form divides by beta / alpha + l2: zero leaves a fresh row's value undefined.
+        if not self.beta / self.alpha + self.l2 > 0:
+            raise ValueError("FTRLConfig needs beta > 0 or l2 > 0")
 
 
 @dataclass(frozen=True)
@@ -134,10 +137,9 @@ class AdamConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check(f"learning_rate={self.learning_rate} (must be > 0)", self.learning_rate > 0)
-        _check(f"beta1={self.beta1} (must be in [0, 1))", 0 <= self.beta1 < 1)
-        _check(f"beta2={self.beta2} (must be in [0, 1))", 0 <= self.beta2 < 1)
-        _check(f"eps={self.eps} (must be > 0)", self.eps > 0)
+        _validate(self, positive=("learning_rate", "eps"), non_negative=("beta1", "beta2"))
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise ValueError(f"AdamConfig betas must be < 1, got {self.beta1}, {self.beta2}")
 
 
 OptimizerConfig = SGDConfig | AdagradConfig | RowwiseAdagradConfig | FTRLConfig | AdamConfig
@@ -286,6 +288,8 @@ class SparseOptimizer(abc.ABC):
 
 
 class SGD(SparseOptimizer):
+    """No state."""
+
     config: SGDConfig
 
     def state_width(self, dim: int) -> int:
@@ -296,6 +300,8 @@ class SGD(SparseOptimizer):
 
 
 class Adagrad(SparseOptimizer):
+    """State columns ``[accumulator (dim)]``, starting at ``initial_accumulator``."""
+
     config: AdagradConfig
 
     def state_width(self, dim: int) -> int:
@@ -309,6 +315,8 @@ class Adagrad(SparseOptimizer):
 
 
 class RowwiseAdagrad(SparseOptimizer):
+    """State column ``[accumulator (1)]``, starting at ``initial_accumulator``."""
+
     config: RowwiseAdagradConfig
 
     def state_width(self, dim: int) -> int:

@@ -42,6 +42,8 @@ class TableSpec:
             RocksDB (needs a data dir). ``None``: unbounded.
         demotion: ``lfu`` (lowest frequency first) or ``lru`` (least recently seen first).
         device_cache_rows: rows of the hottest fids mirrored in the device cache (0: off).
+        initial_rows: host rows allocated up front (the slab grows by 1/8 beyond): size it to the
+            expected id count to avoid growth copies and slack.
     """
 
     name: str
@@ -54,6 +56,7 @@ class TableSpec:
     host_capacity: int | None = None
     demotion: str = "lfu"
     device_cache_rows: int = 0
+    initial_rows: int = 1024
 
     def __post_init__(self) -> None:
         if self.dim <= 0:

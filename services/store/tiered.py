@@ -26,6 +26,7 @@ import numpy as np
 from freshet.fids import slot_of
 from services.store.admission import Admission, make_admission
 from services.store.cold import ColdStore, RowBatch
+from services.store.device_cache import DeviceCache
 from services.store.host import HostTier
 from services.store.optimizers import make_optimizer
 from services.store.table import EmbeddingTable, ExportPage, initial_values
@@ -62,16 +63,19 @@ class TieredTable(EmbeddingTable):
         data_dir: RocksDB directory for cold rows and checkpoints; ``None`` keeps rows in memory
             only (no demotion, no checkpoints).
         clock: seconds since the epoch; injectable for TTL tests.
+        device: torch device of the device cache (default: CUDA when available, else CPU).
     """
 
-    def __init__(self, spec: TableSpec, data_dir: str | None = None, clock=time.time) -> None:
+    def __init__(
+        self, spec: TableSpec, data_dir: str | None = None, clock=time.time, device: str | None = None
+    ) -> None:
         self.config = spec
         self.spec = spec
         self.clock = clock
         self.optimizer = make_optimizer(spec.optimizer)
         self.state_width = self.optimizer.state_width(spec.dim)
         self.width = spec.dim + self.state_width
-        self.host = HostTier(self.width, capacity=min(spec.host_capacity or 1024, 1 << 20))
+        self.host = HostTier(self.width, capacity=spec.initial_rows)
         if spec.host_capacity is not None and data_dir is None:
             raise ValueError(f"table {spec.name!r}: host_capacity needs a data dir to demote rows to")
         self.cold = ColdStore(data_dir, self.width) if data_dir else None
@@ -81,6 +85,7 @@ class TieredTable(EmbeddingTable):
         self._evicted_since_checkpoint: list[np.ndarray] = []
         self._cold_max_version = 0
         self.stats: Counter = Counter()
+        self.cache = DeviceCache(spec.device_cache_rows, spec.dim, device) if spec.device_cache_rows else None
         if self.cold is not None:
             self._restore()
 
@@ -98,16 +103,40 @@ class TieredTable(EmbeddingTable):
         return len(self.host)
 
     def pull(self, fids: np.ndarray) -> np.ndarray:
-        """Values float32 [n, dim]: host, then RocksDB, then the initial value (not inserted)."""
+        """Values float32 [n, dim]: device cache, host, RocksDB, then the initial value (not inserted)."""
         dim = self.spec.dim
         out = np.empty((len(fids), dim), np.float32)
-        rows = self.host.find_gather(fids, out)
-        miss = np.flatnonzero(rows < 0)
-        self.stats["pull_keys"] += len(fids)
-        self.stats["host_hits"] += len(fids) - len(miss)
-        if len(miss):
+        cache = self.cache
+        n = len(fids)
+        if cache is not None and cache.on_cpu:
+            rows, n_cache, n_miss = cache.gather_with_host(self.host, fids, out)
+        else:
+            if cache is None:
+                rows = self.host.find_gather(fids, out)
+                n_cache = 0
+            else:
+                rows, n_cache = self._pull_through_device_cache(fids, out)
+            n_miss = int(np.count_nonzero(rows == -1))
+        stats = self.stats
+        stats["pull_keys"] += n
+        stats["cache_hits"] += n_cache
+        stats["host_hits"] += n - n_cache - n_miss
+        miss = np.flatnonzero(rows == -1) if n_miss else ()
+        if n_miss:
             self._fill_misses(fids[miss], out, miss)
         return out
+
+    def _pull_through_device_cache(self, fids: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int]:
+        """CUDA path: hits gathered on the device in one transfer, the rest from the host tier."""
+        slots = self.cache.find(fids)
+        cached = slots >= 0
+        out[cached] = self.cache.gather(slots[cached])
+        rows = np.full(len(fids), -2, np.int64)
+        rest = np.flatnonzero(~cached)
+        sub = np.empty((len(rest), self.spec.dim), np.float32)
+        rows[rest] = self.host.find_gather(fids[rest], sub)
+        out[rest] = sub
+        return rows, int(cached.sum())
 
     def _fill_misses(self, fids: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
         dim = self.spec.dim
@@ -151,7 +180,7 @@ class TieredTable(EmbeddingTable):
         keep = rows >= 0
         if not keep.all():
             self.stats["dropped_grads"] += int((~keep).sum())
-            rows, summed, counts = rows[keep], summed[keep], counts[keep]
+            rows, summed, counts, unique = rows[keep], summed[keep], counts[keep], unique[keep]
         if not len(rows):
             return 0
         block = self.host.floats[rows, 2:]
@@ -159,6 +188,8 @@ class TieredTable(EmbeddingTable):
         self.optimizer.apply(values, state, summed)
         block[:, : self.spec.dim], block[:, self.spec.dim :] = values, state
         self.host.floats[rows, 2:] = block
+        if self.cache is not None:
+            self.cache.write_through(unique, values)
         # One version per row keeps export pages exact: a page never splits a version.
         self.host.versions[rows] = self._version + 1 + np.arange(len(rows))
         self._version += len(rows)
@@ -166,7 +197,8 @@ class TieredTable(EmbeddingTable):
         self.host.last_seen[rows] = np.uint32(self.clock())
         self.stats["pushed_rows"] += len(rows)
         if self.spec.host_capacity is not None and len(self.host) > self.spec.host_capacity:
-            self.demote(len(self.host) - self.spec.host_capacity)
+            # Demote down to 95 % so that a full host tier does not demote on every push.
+            self.demote(len(self.host) - int(self.spec.host_capacity * 0.95))
         return len(rows)
 
     def _materialise(self, fids: np.ndarray) -> np.ndarray:
@@ -212,6 +244,33 @@ class TieredTable(EmbeddingTable):
             self._admission[slot] = make_admission(self.spec.policy(slot).admission)
         return self._admission[slot]
 
+    # -- background work ---------------------------------------------------------------------------
+
+    def refresh_cache(self) -> int:
+        """Fills the device cache with the most frequently used host rows; returns rows cached."""
+        if self.cache is None:
+            return 0
+        cached_fids, reads = self.cache.take_hits()
+        if len(cached_fids):
+            rows = self.host.find(cached_fids)
+            ok = rows >= 0
+            self.host.freqs[rows[ok]] += reads[ok]
+        live = self.host.live_rows()
+        k = min(self.cache.capacity, len(live))
+        if k == 0:
+            return 0
+        hottest = live[np.argpartition(-self.host.freqs[live].astype(np.int64), k - 1)[:k]]
+        self.cache.refresh(self.host.fids_of(hottest), self.host.floats[hottest, 2 : 2 + self.spec.dim])
+        self.stats["cache_refreshes"] += 1
+        return k
+
+    def maintain(self, now: float | None = None) -> None:
+        """Periodic work: TTL eviction, demotion to capacity, device cache refresh."""
+        self.evict_expired(now)
+        if self.spec.host_capacity is not None and len(self.host) > self.spec.host_capacity:
+            self.demote(len(self.host) - self.spec.host_capacity)
+        self.refresh_cache()
+
     # -- eviction and demotion ---------------------------------------------------------------------
 
     def evict_expired(self, now: float | None = None, include_cold: bool = False) -> int:
@@ -235,6 +294,7 @@ class TieredTable(EmbeddingTable):
         expired = fids[self.host.last_seen[live] + ttl < now]
         if len(expired):
             self.host.erase(expired)
+            self.refresh_cache()  # an evicted row must not stay readable from the cache
             if self.cold is not None:
                 self._evicted_since_checkpoint.append(expired)
         total = len(expired)
@@ -263,6 +323,7 @@ class TieredTable(EmbeddingTable):
         victims = live[np.argsort(score, kind="stable")[:n]]
         self.host.erase(self.host.fids_of(victims))
         self.stats["demoted"] += len(victims)
+        self.refresh_cache()  # a demoted row must not stay readable from the cache
         return len(victims)
 
     # -- export ------------------------------------------------------------------------------------

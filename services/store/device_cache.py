@@ -1,0 +1,177 @@
+"""The device cache: the hottest rows' values in a torch tensor on CUDA when present, else on CPU.
+
+It mirrors host rows (it is never the only copy): pushes write through to cached rows, and
+``refresh`` replaces its contents with the currently hottest rows. Lookups find slots with a
+small open-addressing index kept on the CPU; on CPU the tensor's memory is gathered directly by
+the same compiled loop that then falls through to the host tier (one pass, no extra copies);
+on CUDA the gather runs on the device and the hits are copied back in one transfer.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from services.store.host import _fid_at, _mix
+
+_EMPTY_KEY = np.int64(np.iinfo(np.int64).min)
+
+
+@numba.njit(cache=True, nogil=True)
+def _cache_insert(keys, slots, fids, first_slot):
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(fids.shape[0]):
+        h = _mix(fids[i]) & mask
+        while keys[h] != _EMPTY_KEY and keys[h] != fids[i]:
+            h = (h + np.uint64(1)) & mask
+        keys[h] = fids[i]
+        slots[h] = first_slot + i
+
+
+@numba.njit(cache=True, nogil=True)
+def _cache_find(keys, slots, fids, out):
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(fids.shape[0]):
+        h = _mix(fids[i]) & mask
+        out[i] = -1
+        while keys[h] != _EMPTY_KEY:
+            if keys[h] == fids[i]:
+                out[i] = slots[h]
+                break
+            h = (h + np.uint64(1)) & mask
+
+
+@numba.njit(cache=True, nogil=True)
+def _two_tier_gather(ckeys, cslots, cvalues, chits, index, rows, floats, freqs, col0, fids, out, host_rows):
+    """Cache first, then host, in one pass; counts reads (cache slot hits, host row freqs).
+
+    ``host_rows`` gets -2 for a cache hit, the host row, or -1 for a miss of both.
+    Returns (cache hits, misses of both tiers).
+    """
+    cmask = np.uint64(ckeys.shape[0] - 1)
+    hmask = np.uint64(index.shape[0] - 1)
+    d = out.shape[1]
+    n_cache = 0
+    n_miss = 0
+    for i in range(fids.shape[0]):
+        k = fids[i]
+        h = _mix(k)
+        c = h & cmask
+        hit = -1
+        while ckeys[c] != _EMPTY_KEY:
+            if ckeys[c] == k:
+                hit = cslots[c]
+                break
+            c = (c + np.uint64(1)) & cmask
+        if hit >= 0:
+            for j in range(d):
+                out[i, j] = cvalues[hit, j]
+            chits[hit] += 1
+            host_rows[i] = -2
+            n_cache += 1
+            continue
+        p = h & hmask
+        while True:
+            r = index[p]
+            if r == -1:
+                host_rows[i] = -1
+                n_miss += 1
+                break
+            if r != -2 and _fid_at(rows, r) == k:
+                host_rows[i] = r
+                freqs[r] += 1
+                for j in range(d):
+                    out[i, j] = floats[r, col0 + j]
+                break
+            p = (p + np.uint64(1)) & hmask
+    return n_cache, n_miss
+
+
+class DeviceCache:
+    """Values of up to ``capacity`` hot rows on ``device`` (CUDA when available, else CPU).
+
+    Args:
+        capacity: rows held.
+        dim: floats per row value.
+        device: torch device; ``None`` picks ``cuda`` when available.
+    """
+
+    def __init__(self, capacity: int, dim: int, device: str | torch.device | None = None) -> None:
+        self.capacity = capacity
+        self.dim = dim
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.values = torch.zeros((capacity, dim), dtype=torch.float32, device=self.device)
+        size = 1 << max(4, int(np.ceil(np.log2(capacity * 2 + 1))))
+        self._keys = np.full(size, _EMPTY_KEY, np.int64)
+        self._slots = np.zeros(size, np.int32)
+        self.hits = np.zeros(capacity, np.uint32)  # reads per slot since the last refresh
+        self.fids = np.zeros(0, np.int64)
+        self.size = 0
+        self._np_values = self.values.numpy() if self.device.type == "cpu" else None
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def find(self, fids: np.ndarray) -> np.ndarray:
+        """Cache slot of each fid, -1 when not cached: int64 [n]."""
+        out = np.empty(len(fids), np.int64)
+        _cache_find(self._keys, self._slots, fids, out)
+        return out
+
+    def gather(self, slots: np.ndarray) -> np.ndarray:
+        """Values float32 [n, dim] of cached slots, gathered on the device and copied back once."""
+        index = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        return self.values.index_select(0, index).cpu().numpy()
+
+    def write_through(self, fids: np.ndarray, values: np.ndarray) -> int:
+        """Overwrites the cached copies of fids that are cached; returns how many were."""
+        slots = self.find(fids)
+        hit = slots >= 0
+        if hit.any():
+            index = torch.from_numpy(slots[hit]).to(self.device)
+            self.values.index_copy_(0, index, torch.from_numpy(np.ascontiguousarray(values[hit])).to(self.device))
+        return int(hit.sum())
+
+    def refresh(self, fids: np.ndarray, values: np.ndarray) -> None:
+        """Replaces the cache's contents with these rows (at most ``capacity``, the first ones kept)."""
+        fids, values = fids[: self.capacity], values[: self.capacity]
+        self._keys.fill(_EMPTY_KEY)
+        _cache_insert(self._keys, self._slots, fids, 0)
+        self.values[: len(fids)] = torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+        self.hits[:] = 0
+        self.fids = fids.copy()
+        self.size = len(fids)
+
+    def take_hits(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fids, reads) of cached rows since the last call, for the host's frequency counts."""
+        hits = self.hits[: self.size].copy()
+        self.hits[:] = 0
+        return self.fids, hits
+
+    def gather_with_host(self, host, fids: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """CPU fast path: cache then host tier in one compiled pass.
+
+        Returns:
+            (host rows: -2 cached / row / -1 missed, cache hits, misses of both tiers).
+        """
+        host_rows = np.empty(len(fids), np.int64)
+        n_cache, n_miss = _two_tier_gather(
+            self._keys,
+            self._slots,
+            self._np_values,
+            self.hits,
+            host._index,
+            host._rows,
+            host.floats,
+            host.freqs,
+            2,
+            fids,
+            out,
+            host_rows,
+        )
+        return host_rows, n_cache, n_miss
+
+    def nbytes(self) -> int:
+        return self.values.element_size() * self.values.nelement() + self._keys.nbytes + self._slots.nbytes
