@@ -176,7 +176,7 @@ async def test_approved_deltas_are_applied_in_order_and_rejected_ones_are_not(pr
     await _publish(js, rejected, model_pb2.DECISION_REJECT)
     await assert_eventually(lambda: predictor.rejected == 1, message="rejection seen")
     assert await serves(2, [first, second])
-    assert predictor.expected_sequence == 4
+    assert predictor.expected_sequence(0) == 4
     assert predictor.gaps == 0
 
 

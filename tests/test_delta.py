@@ -29,7 +29,8 @@ def _delta(dense: dict[str, np.ndarray] | None = None) -> Delta:
 
 
 def test_subjects_follow_the_model_name():
-    assert delta_subject("fm") == "model.fm.delta"
+    assert delta_subject("fm") == "model.fm.delta.0"
+    assert delta_subject("fm", 3) == "model.fm.delta.3"
     assert decision_subject("fm") == "model.fm.decision"
 
 

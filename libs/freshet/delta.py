@@ -11,8 +11,9 @@ from freshet.model.v1 import model_pb2
 from freshet.tensors import from_tensor, to_tensor
 
 
-def delta_subject(model: str) -> str:
-    return f"model.{model}.delta"
+def delta_subject(model: str, shard: int = 0) -> str:
+    """Subject of one store shard's deltas: ``model.<model>.delta.<shard>``."""
+    return f"model.{model}.delta.{shard}"
 
 
 def decision_subject(model: str) -> str:

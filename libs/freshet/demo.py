@@ -36,6 +36,7 @@ from freshet.synthetic import SyntheticConfig, SyntheticSource
 logger = logging.getLogger(__name__)
 
 SERVICES = ("store", "predictor", "validator", "publisher", "trainer", "joiner")
+STORE_SHARDS = 2
 
 
 @dataclass
@@ -64,11 +65,15 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         self._files: list = []
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, service: str | None = None, **env: str) -> None:
+        """Starts ``services.<service>`` (default: ``name``) with extra environment variables."""
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self._files.append(log)
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", f"services.{service or name}"],
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def crashed(self) -> list[str]:
@@ -172,7 +177,7 @@ async def pipeline_counts(js) -> dict[str, int]:
     return {
         "samples_joined": samples.state.messages,
         "samples_trained": trained.ack_floor.stream_seq if trained.ack_floor else 0,
-        "deltas_published": subjects.get("model.fm.delta", 0),
+        "deltas_published": sum(n for subject, n in subjects.items() if subject.startswith("model.fm.delta.")),
         "decisions": subjects.get("model.fm.decision", 0),
         "dead_lettered": dead.state.messages,
     }
@@ -190,23 +195,33 @@ async def run_demo(seconds: float, rate: float, seed: int, workdir: Path) -> int
             print(f"embedded nats-server with JetStream on {nats_url}")
         else:
             print(f"using NATS at {nats_url}")
-        store_port, predictor_port = free_port(), free_port()
+        store_ports = [free_port() for _ in range(STORE_SHARDS)]
+        predictor_port = free_port()
         env = {
             **os.environ,
             "FRESHET_NATS_URL": nats_url,
-            "FRESHET_STORE_PORT": str(store_port),
-            "FRESHET_STORE_ADDRESS": f"127.0.0.1:{store_port}",
+            "FRESHET_STORE_ADDRESS": ",".join(f"127.0.0.1:{p}" for p in store_ports),
+            "FRESHET_STORE_NUM_SHARDS": str(STORE_SHARDS),
             "FRESHET_PREDICTOR_PORT": str(predictor_port),
             "FRESHET_JOIN_WINDOW_S": os.environ.get("FRESHET_JOIN_WINDOW_S", "2.0"),
         }
         procs = Processes(log_dir, env)
         exit_code = 1
         try:
-            for name in SERVICES:
+            for shard, port in enumerate(store_ports):
+                procs.start(
+                    f"store-{shard}",
+                    "store",
+                    FRESHET_STORE_SHARD=str(shard),
+                    FRESHET_STORE_PORT=str(port),
+                    FRESHET_STORE_DATA_DIR=str(workdir / "store" / f"shard-{shard}"),
+                )
+            for name in SERVICES[1:]:
                 procs.start(name)
-            print(f"started {', '.join(SERVICES)} (logs in {log_dir})")
+            print(f"started {STORE_SHARDS} store shards, {', '.join(SERVICES[1:])} (logs in {log_dir})")
             async with AsyncExitStack() as astack:
-                await wait_serving(f"127.0.0.1:{store_port}")
+                for port in store_ports:
+                    await wait_serving(f"127.0.0.1:{port}")
                 await wait_serving(f"127.0.0.1:{predictor_port}")
                 nc = await bus.connect(BusConfig(nats_url=nats_url), "freshet-demo")
                 astack.push_async_callback(nc.close)

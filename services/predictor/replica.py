@@ -20,8 +20,11 @@ class Replica:
         self._index: dict[int, int] = {}
         self._slab = np.zeros((1024, row_dim), np.float32)
         self.bias = 0.0
-        self.version = 0  # sequence of the last delta applied
-        self.store_version = 0
+        # Sum over shards of the last delta sequence applied: monotonic, changes exactly when the
+        # served state does, and is the delta sequence itself when the store has one shard.
+        self.version = 0
+        self.shard_sequences: dict[int, int] = {}
+        self.store_versions: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._index)
@@ -44,8 +47,15 @@ class Replica:
         self._slab[rows] = delta.values
         if "bias" in delta.dense:
             self.bias = float(delta.dense["bias"].reshape(-1)[0])
-        self.version = delta.sequence
-        self.store_version = delta.new_version
+        self.advance(delta.shard, delta.sequence)
+        self.store_versions[delta.shard] = delta.new_version
+
+    def advance(self, shard: int, sequence: int) -> None:
+        """Records that the shard's deltas up to ``sequence`` are applied."""
+        previous = self.shard_sequences.get(shard, 0)
+        if sequence > previous:
+            self.shard_sequences[shard] = sequence
+            self.version += sequence - previous
 
     def nbytes(self) -> int:
         """Approximate bytes held: the slab plus the dict index (about 100 B per entry in CPython)."""

@@ -45,10 +45,10 @@ class PredictorService(NatsMixin, Service):
         self.bus_config = bus_config
         self.replica = Replica(1 + config.factors)
         self.grpc: GrpcServer | None = None
-        self.expected_sequence = 1
         self.gaps = 0
         self.rejected = 0
         self.bad_decisions = 0
+        self._decided: dict[int, int] = {}  # last delta sequence decided (applied or rejected) per shard
 
     @property
     def address(self) -> str:
@@ -97,17 +97,23 @@ class PredictorService(NatsMixin, Service):
             self.bad_decisions += 1
             logger.error("undecodable decision skipped", extra={"error": str(exc)})
             return
-        if approval.sequence and approval.sequence < self.expected_sequence:
+        expected = self.expected_sequence(approval.shard)
+        if approval.sequence and approval.sequence < expected:
             return  # already applied or skipped: deltas are idempotent, nothing to do
-        if approval.sequence > self.expected_sequence:
+        if approval.sequence > expected:
             self.gaps += 1
             logger.error(
                 "delta sequence gap",
-                extra={"expected": self.expected_sequence, "got": approval.sequence, "model": approval.model},
+                extra={
+                    "expected": expected,
+                    "got": approval.sequence,
+                    "shard": approval.shard,
+                    "model": approval.model,
+                },
             )
         if approval.decision != model_pb2.DECISION_APPROVE:
             self.rejected += 1
-            self.expected_sequence = max(self.expected_sequence, approval.sequence + 1)
+            self._decided[approval.shard] = approval.sequence
             return
         try:
             raw = await self.js.get_msg(bus.MODEL.name, seq=approval.delta_stream_seq, direct=True)
@@ -131,7 +137,10 @@ class PredictorService(NatsMixin, Service):
                     "approved delta cannot be applied", extra={"sequence": approval.sequence, "error": str(exc)}
                 )
                 return
-        self.expected_sequence = delta.sequence + 1
+
+    def expected_sequence(self, shard: int = 0) -> int:
+        """The next delta sequence this replica expects from a store shard."""
+        return max(self._decided.get(shard, 0), self.replica.shard_sequences.get(shard, 0)) + 1
 
     async def predict(self, request: predictor_pb2.PredictRequest, context) -> predictor_pb2.PredictResponse:
         if request.model and request.model != self.config.model:

@@ -11,7 +11,9 @@ from freshet.config import env_field
 class PublisherConfig:
     """Publisher settings, each read from the named environment variable."""
 
-    store_address: str = env_field("FRESHET_STORE_ADDRESS", "host:port of the embedding store")
+    store_address: str = env_field(
+        "FRESHET_STORE_ADDRESS", "host:port of each embedding store shard, comma separated, in shard order"
+    )
     model: str = env_field("FRESHET_MODEL", "model name: subjects dense.<model>, model.<model>.*", "fm")
     table: str = env_field("FRESHET_TABLE", "embedding store table of the model's rows", "fm")
     interval_s: float = env_field("FRESHET_PUBLISH_INTERVAL_S", "seconds between delta exports", 0.1)

@@ -1,15 +1,17 @@
-"""The publisher: every interval, rows changed in the store since its cursor become a delta.
+"""The publisher: every interval, rows changed in each store shard since its cursor become a delta.
 
-Deltas on ``model.<model>.delta`` are numbered 1, 2, 3 ... and carry the store version range
-they cover (base -> new). The cursor is recovered on restart from the last published delta,
-and each delta's ``Nats-Msg-Id`` is its sequence, so a retried publish is never stored twice.
-New dense parameters (``dense.<model>``) ride along in the next delta.
+Deltas of shard ``s`` go to ``model.<model>.delta.<s>``, numbered 1, 2, 3 ... per shard, and carry
+the store version range they cover (base -> new). Each shard's cursor is recovered on restart
+from its last published delta, and each delta's ``Nats-Msg-Id`` is (model, shard, sequence), so a
+retried publish is stored once. New dense parameters (``dense.<model>``) ride along in shard 0's
+next delta.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import grpc
 from nats.js.errors import NotFoundError
@@ -27,8 +29,18 @@ logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 
+@dataclass
+class ShardCursor:
+    """Where the delta stream of one store shard stands."""
+
+    shard: int
+    client: StoreClient
+    sequence: int = 0
+    cursor: int = 0
+
+
 class PublisherService(NatsMixin, Service):
-    """Exports one store shard's changes as an ordered delta stream."""
+    """Exports every store shard's changes as ordered per-shard delta streams."""
 
     name = "publisher"
 
@@ -36,36 +48,51 @@ class PublisherService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
-        self.store = StoreClient(config.store_address)
-        self.sequence = 0
-        self.cursor = 0
+        addresses = [a.strip() for a in config.store_address.split(",") if a.strip()]
+        self.shards = [ShardCursor(i, StoreClient(a)) for i, a in enumerate(addresses)]
         self.dense_step = -1
         self.published_rows = 0
 
+    @property
+    def cursor(self) -> int:
+        """Shard 0's cursor (the whole store's when it has one shard)."""
+        return self.shards[0].cursor
+
+    @property
+    def sequence(self) -> int:
+        return self.shards[0].sequence
+
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-publisher")
-        await self._recover_cursor()
+        for shard in self.shards:
+            await self._recover_cursor(shard)
         self.spawn(self._publish_forever(), "publisher-loop")
 
     async def _stop(self) -> None:
         await self._drain_nats()
-        await self.store.close()
+        for shard in self.shards:
+            await shard.client.close()
 
-    async def _recover_cursor(self) -> None:
+    async def _recover_cursor(self, shard: ShardCursor) -> None:
         try:
-            raw = await self.js.get_last_msg(bus.MODEL.name, delta_subject(self.config.model))
+            raw = await self.js.get_last_msg(bus.MODEL.name, delta_subject(self.config.model, shard.shard))
         except NotFoundError:
             return
         last = decode_delta(raw.data)
-        self.sequence, self.cursor, self.dense_step = last.sequence, last.new_version, last.dense_step
-        logger.info("resuming delta stream", extra={"sequence": self.sequence, "cursor": self.cursor})
+        shard.sequence, shard.cursor = last.sequence, last.new_version
+        if shard.shard == 0:
+            self.dense_step = last.dense_step
+        logger.info(
+            "resuming delta stream",
+            extra={"shard": shard.shard, "sequence": shard.sequence, "cursor": shard.cursor},
+        )
 
     async def _publish_forever(self) -> None:
         while not self.stopping.is_set():
             try:
                 await self.publish_once()
             except grpc.aio.AioRpcError as exc:
-                # The store is down or restarting: the cursor is unchanged, so nothing is skipped.
+                # The store is down or restarting: cursors are unchanged, so nothing is skipped.
                 logger.warning("store export failed; retrying", extra={"code": exc.code().name})
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.config.interval_s)
@@ -81,26 +108,32 @@ class PublisherService(NatsMixin, Service):
         return snap if snap.step != self.dense_step else None
 
     async def publish_once(self) -> int:
-        """Publishes every change since the cursor; returns the number of deltas published."""
-        published = 0
+        """Publishes every change since the cursors; returns the number of deltas published."""
         dense = await self._latest_dense()
+        counts = await asyncio.gather(
+            *(self._publish_shard(shard, dense if shard.shard == 0 else None) for shard in self.shards)
+        )
+        return sum(counts)
+
+    async def _publish_shard(self, shard: ShardCursor, dense: model_pb2.DenseSnapshot | None) -> int:
+        published = 0
         while True:
-            page = await self.store.export(self.config.table, self.cursor, self.config.max_rows_per_delta)
-            if page.next_version < self.cursor:
+            page = await shard.client.export(self.config.table, shard.cursor, self.config.max_rows_per_delta)
+            if page.next_version < shard.cursor:
                 logger.error(
-                    "store version went backwards (store restarted without its state?); re-exporting from 0",
-                    extra={"cursor": self.cursor, "store_version": page.next_version},
+                    "store version went backwards (store restored from an older checkpoint); re-exporting from 0",
+                    extra={"shard": shard.shard, "cursor": shard.cursor, "store_version": page.next_version},
                 )
-                self.cursor = 0
+                shard.cursor = 0
                 continue
             if not len(page.fids) and dense is None:
                 return published
             delta = Delta(
                 model=self.config.model,
                 table=self.config.table,
-                shard=0,
-                sequence=self.sequence + 1,
-                base_version=self.cursor,
+                shard=shard.shard,
+                sequence=shard.sequence + 1,
+                base_version=shard.cursor,
                 new_version=page.next_version,
                 fids=page.fids,
                 values=page.values,
@@ -108,14 +141,18 @@ class PublisherService(NatsMixin, Service):
                 dense_step=dense.step if dense else self.dense_step,
                 created_ms=bus.now_ms(),
             )
-            with tracer.start_as_current_span("publish_delta", attributes={"sequence": delta.sequence}):
+            with tracer.start_as_current_span(
+                "publish_delta", attributes={"shard": shard.shard, "sequence": delta.sequence}
+            ):
                 await bus.publish(
                     self.js,
-                    delta_subject(self.config.model),
+                    delta_subject(self.config.model, shard.shard),
                     delta.to_proto().SerializeToString(),
-                    msg_id=f"delta:{self.config.model}:0:{delta.sequence}",
+                    msg_id=f"delta:{self.config.model}:{shard.shard}:{delta.sequence}",
                 )
-            self.sequence, self.cursor, self.dense_step = delta.sequence, delta.new_version, delta.dense_step
+            shard.sequence, shard.cursor = delta.sequence, delta.new_version
+            if dense is not None:
+                self.dense_step = dense.step
             self.published_rows += len(page.fids)
             published += 1
             dense = None

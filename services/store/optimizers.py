@@ -200,7 +200,8 @@ def _rowwise_adagrad_kernel(values, state, grads, lr, eps):
 @njit(cache=True)
 def _ftrl_kernel(values, state, grads, alpha, beta, l1, l2):
     dim = values.shape[1]
-    denom0 = beta / alpha + l2
+    inv_alpha = 1.0 / alpha
+    denom0 = beta * inv_alpha + l2
     for i in range(values.shape[0]):
         for j in range(dim):
             g = _grad(grads[i, j])
@@ -212,13 +213,14 @@ def _ftrl_kernel(values, state, grads, alpha, beta, l1, l2):
                 z = 0.0 if w == 0.0 else -(w * denom0 + math.copysign(l1, w))
             # Rounded to what is stored, so the value below is exactly the closed form of the stored state.
             n_new = np.float64(np.float32(min(n + g * g, _F32_MAX)))
+            root_new = math.sqrt(n_new)
             # (sqrt(n_new) - sqrt(n)) / alpha without the cancellation when n >> g**2.
-            sigma = (n_new - n) / (math.sqrt(n_new) + math.sqrt(n)) / alpha if n_new > n else 0.0
+            sigma = (n_new - n) / (root_new + math.sqrt(n)) * inv_alpha if n_new > n else 0.0
             z = np.float64(np.float32(_f32(z + g - sigma * w)))
             if abs(z) <= l1:
                 w = 0.0
             else:
-                w = -(z - math.copysign(l1, z)) / ((beta + math.sqrt(n_new)) / alpha + l2)
+                w = -(z - math.copysign(l1, z)) / ((beta + root_new) * inv_alpha + l2)
             values[i, j] = _f32(w)
             state[i, j] = z
             state[i, dim + j] = n_new
@@ -229,13 +231,14 @@ def _adam_kernel(values, state, grads, lr, beta1, beta2, eps):
     dim = values.shape[1]
     for i in range(values.shape[0]):
         t = np.float64(state[i, 2 * dim]) + 1.0
-        bc1 = 1.0 - beta1**t
-        bc2 = 1.0 - beta2**t
+        # lr * m_hat / (sqrt(v_hat) + eps) with the per-row bias corrections folded into two factors.
+        step = lr / (1.0 - beta1**t)
+        inv_root_bc2 = 1.0 / math.sqrt(1.0 - beta2**t)
         for j in range(dim):
             g = _grad(grads[i, j])
             m = beta1 * np.float64(state[i, j]) + (1.0 - beta1) * g
             v = min(beta2 * np.float64(state[i, dim + j]) + (1.0 - beta2) * g * g, _F32_MAX)
-            values[i, j] = _f32(values[i, j] - lr * (m / bc1) / (math.sqrt(v / bc2) + eps))
+            values[i, j] = _f32(values[i, j] - step * m / (math.sqrt(v) * inv_root_bc2 + eps))
             state[i, j] = m
             state[i, dim + j] = v
         state[i, 2 * dim] = t

@@ -15,4 +15,4 @@ class ValidatorConfig:
         "FRESHET_VALIDATOR_MAX_ABS", "reject deltas with any absolute value above this (norm explosion)", 1e4
     )
     durable: str = env_field("FRESHET_VALIDATOR_DURABLE", "durable consumer on the MODEL stream", "validator")
-    subject: str = env_field("FRESHET_VALIDATOR_SUBJECT", "delta subjects to gate", "model.*.delta")
+    subject: str = env_field("FRESHET_VALIDATOR_SUBJECT", "delta subjects to gate", "model.*.delta.>")
