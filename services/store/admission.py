@@ -162,7 +162,8 @@ class CountMinSketch:
             counts = np.asarray(counts)
             if counts.shape != keys.shape or counts.dtype.kind not in "iu" or (counts < 0).any():
                 raise ValueError(f"counts must be non-negative integers shaped {keys.shape}")
-            add = counts.astype(np.uint64)
+            # Clip here rather than only in the kernel so ``total`` counts what the counters hold.
+            add = np.minimum(counts.astype(np.uint64), np.uint64(self.max_count))
         out = np.empty(len(keys), np.uint32)
         _add_kernel(self._table, self._row_seeds, keys, add, np.uint64(self.max_count), out)
         self.total += int(add.sum(dtype=np.uint64))
@@ -204,9 +205,10 @@ class CountMinSketch:
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
         if crc != zlib.crc32(data[:-4]):
             raise ValueError("count-min sketch state fails its CRC-32 check")
+        # Checked before allocating: a header that passed the CRC must still not size a huge table.
+        if bits not in (16, 32) or len(data) != size + bits // 8 * depth * width + 4:
+            raise ValueError(f"count-min sketch state of {len(data)} bytes does not hold {depth}x{width}x{bits}b")
         sketch = cls(width=width, depth=depth, seed=seed, counter_bits=bits)
-        if len(data) != size + sketch.nbytes + 4:
-            raise ValueError(f"count-min sketch state of {len(data)} bytes does not hold {depth}x{width} counters")
         dtype = sketch._table.dtype.newbyteorder("<")
         sketch._table[:] = np.frombuffer(data, dtype, depth * width, size).reshape(depth, width)
         sketch.total = total
@@ -228,8 +230,9 @@ class CountAdmissionConfig:
     sketch_depth: int = 4
 
     def __post_init__(self) -> None:
-        if self.min_count < 1:
-            raise ValueError(f"min_count {self.min_count} must be >= 1")
+        # The sketch's 16-bit counters saturate at 65535; a larger threshold would never be reached.
+        if not 1 <= self.min_count <= 65535:
+            raise ValueError(f"min_count {self.min_count} must be in [1, 65535]")
 
 
 @dataclass(frozen=True)

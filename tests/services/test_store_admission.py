@@ -207,9 +207,10 @@ def test_count_admission_rejects_corrupt_state(kind):
         admission.load_state(_corruptions(admission.state_bytes())[kind])
 
 
-def test_count_admission_config_rejects_min_count_below_one():
+@pytest.mark.parametrize("min_count", [0, 65536])
+def test_count_admission_config_rejects_min_count_the_sketch_cannot_count_to(min_count):
     with pytest.raises(ValueError, match="min_count"):
-        CountAdmissionConfig(min_count=0)
+        CountAdmissionConfig(min_count=min_count)
 
 
 # -- probabilistic and always ------------------------------------------------------------------------------
