@@ -47,7 +47,10 @@ demo: $(STAMP) ## run every service on an embedded NATS, feed synthetic events f
 bench-store: $(STAMP) ## embedding store benchmark -> bench/results/store.json (+ store.md)
 	$(BIN)/python bench/store_bench.py
 
+bench-device-cache: $(STAMP) ## device cache on CPU (and CUDA when present) -> bench/results/device_cache.json
+	$(BIN)/python bench/device_cache_bench.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help setup protos protos-check lint format test test-unit demo bench-store clean
+.PHONY: help setup protos protos-check lint format test test-unit demo bench-store bench-device-cache clean
