@@ -23,6 +23,9 @@ class StoreConfig:
     )
     learning_rate: float = env_field("FRESHET_STORE_LR", "Adagrad learning rate of name:dim tables", 0.2)
     init_scale: float = env_field("FRESHET_STORE_INIT_SCALE", "new rows start uniform in +-scale", 0.01)
+    device_cache_rows: int = env_field(
+        "FRESHET_STORE_DEVICE_CACHE_ROWS", "hottest rows mirrored in the device cache of name:dim tables", 16384
+    )
     data_dir: str = env_field(
         "FRESHET_STORE_DATA_DIR",
         "RocksDB directory (cold rows + checkpoints); empty keeps rows in memory only",
@@ -36,7 +39,9 @@ class StoreConfig:
         30.0,
     )
     maintain_interval_s: float = env_field(
-        "FRESHET_STORE_MAINTAIN_INTERVAL_S", "seconds between TTL eviction passes over host rows", 10.0
+        "FRESHET_STORE_MAINTAIN_INTERVAL_S",
+        "seconds between passes of TTL eviction, demotion and cache refresh",
+        5.0,
     )
     max_fids_per_request: int = env_field(
         "FRESHET_STORE_MAX_FIDS", "larger Pull/Push requests get RESOURCE_EXHAUSTED", 1_000_000

@@ -46,6 +46,7 @@ def parse_tables(config: StoreConfig) -> list[TableSpec]:
                 dim=int(dim),
                 optimizer=AdagradConfig(learning_rate=config.learning_rate),
                 init_scale=config.init_scale,
+                device_cache_rows=config.device_cache_rows,
             )
         )
     return tables
@@ -208,7 +209,7 @@ class StoreService(Service):
             now = loop.time()
             if now >= next_evict:
                 for table in self.tables.values():
-                    table.evict_expired()
+                    table.maintain()  # TTL eviction, demotion to capacity, device cache refresh
                 next_evict = now + self.config.maintain_interval_s
             if now >= next_ckpt:
                 for table in self.tables.values():
