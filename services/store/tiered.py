@@ -258,6 +258,7 @@ class TieredTable(EmbeddingTable):
         live = self.host.live_rows()
         k = min(self.cache.capacity, len(live))
         if k == 0:
+            self.cache.refresh(np.zeros(0, np.int64), np.zeros((0, self.spec.dim), np.float32))
             return 0
         hottest = live[np.argpartition(-self.host.freqs[live].astype(np.int64), k - 1)[:k]]
         self.cache.refresh(self.host.fids_of(hottest), self.host.floats[hottest, 2 : 2 + self.spec.dim])
