@@ -95,6 +95,10 @@ def bench_in_process(n_ids: int, dim: int, cache_rows: int, rng: np.random.Gener
         table.stats.clear()
         out[f"lookup_keys_per_s_{batch}"] = timed_rate(table.pull, batches)
         out[f"cache_hit_rate_{batch}"] = table.stats["cache_hits"] / table.stats["pull_keys"]
+        # The same lookups with the host tier alone (no device cache in front).
+        cache, table.cache = table.cache, None
+        out[f"host_only_lookup_keys_per_s_{batch}"] = timed_rate(table.pull, batches)
+        table.cache = cache
     push_batches = [rng.choice(ids, 2000, replace=False) for _ in range(50)]
     grads = rng.normal(0, 0.01, (2000, dim)).astype(np.float32)
     out["push_rows_per_s"] = timed_rate(lambda b: table.push(b, grads), push_batches)
@@ -258,6 +262,8 @@ def main() -> int:
         "cache_hit_rate": local["cache_hit_rate_2000"],
         "lookup_keys_per_s": local["lookup_keys_per_s_2000"],
         "lookup_keys_per_s_65536": local["lookup_keys_per_s_65536"],
+        "host_only_lookup_keys_per_s": local["host_only_lookup_keys_per_s_2000"],
+        "host_only_lookup_keys_per_s_65536": local["host_only_lookup_keys_per_s_65536"],
         "push_rows_per_s": local["push_rows_per_s"],
         "grpc_pull_keys_per_s": grpc_figures["grpc_pull_keys_per_s_65536"],
         "grpc_pull_keys_per_s_2000": grpc_figures["grpc_pull_keys_per_s_2000"],
@@ -272,13 +278,21 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "store.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [
-        ("in-process lookup, 2,000-key batches", f"{report['lookup_keys_per_s'] / 1e6:.1f} M keys/s", "≥ 20 M"),
+        (
+            "in-process lookup (device cache + host), 2,000 keys",
+            f"{report['lookup_keys_per_s'] / 1e6:.1f} M keys/s",
+            "≥ 20 M",
+        ),
         (
             "device cache hit rate",
             f"{report['cache_hit_rate']:.1%} ({args.cache_rows:,} rows, {local['device']})",
             "",
         ),
-        ("in-process lookup, 65,536-key batches", f"{report['lookup_keys_per_s_65536'] / 1e6:.1f} M keys/s", ""),
+        (
+            "in-process lookup (device cache + host), 65,536 keys",
+            f"{report['lookup_keys_per_s_65536'] / 1e6:.1f} M keys/s",
+            "",
+        ),
         ("Push (rowwise Adagrad, 2,000 rows)", f"{report['push_rows_per_s'] / 1e6:.2f} M rows/s", ""),
         ("gRPC Pull, 2 shards, 65,536 keys", f"{report['grpc_pull_keys_per_s'] / 1e6:.2f} M keys/s", "≥ 2 M"),
         ("gRPC Pull, 2 shards, 2,000 keys", f"{report['grpc_pull_keys_per_s_2000'] / 1e6:.2f} M keys/s", ""),

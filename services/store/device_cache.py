@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from services.store.host import _fid_at, _mix
+from services.store.prefetch import prefetch1, prefetch2
 
 _EMPTY_KEY = np.int64(np.iinfo(np.int64).min)
 
@@ -42,28 +43,50 @@ def _cache_find(keys, slots, fids, out):
             h = (h + np.uint64(1)) & mask
 
 
+_AHEAD = 8
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _cache_probe(ckeys, cslots, c, cmask, k):
+    while ckeys[c] != _EMPTY_KEY:
+        if ckeys[c] == k:
+            return cslots[c]
+        c = (c + np.uint64(1)) & cmask
+    return -1
+
+
 @numba.njit(cache=True, nogil=True)
 def _two_tier_gather(ckeys, cslots, cvalues, chits, index, rows, floats, freqs, col0, fids, out, host_rows):
-    """Cache first, then host, in one pass; counts reads (cache slot hits, host row freqs).
+    """Cache first, then host, in one pipelined pass; counts reads (cache slot hits, host row freqs).
 
+    Key i + 2D: its cache slot is prefetched. Key i + D: its cache slot is probed (now cached);
+    on a hit the cached row is prefetched, on a miss the host index slot. Key i: read.
     ``host_rows`` gets -2 for a cache hit, the host row, or -1 for a miss of both.
     Returns (cache hits, misses of both tiers).
     """
     cmask = np.uint64(ckeys.shape[0] - 1)
     hmask = np.uint64(index.shape[0] - 1)
+    n = fids.shape[0]
     d = out.shape[1]
+    hs = np.empty(n, np.uint64)
+    for i in range(n):
+        hs[i] = _mix(fids[i])
+    for i in range(min(n, 2 * _AHEAD)):
+        prefetch1(ckeys, hs[i] & cmask)
     n_cache = 0
     n_miss = 0
-    for i in range(fids.shape[0]):
+    for i in range(n):
+        if i + 2 * _AHEAD < n:
+            prefetch1(ckeys, hs[i + 2 * _AHEAD] & cmask)
+        if i + _AHEAD < n:
+            a = i + _AHEAD
+            slot = _cache_probe(ckeys, cslots, hs[a] & cmask, cmask, fids[a])
+            if slot >= 0:
+                prefetch2(cvalues, slot, 0)
+            else:
+                prefetch1(index, hs[a] & hmask)
         k = fids[i]
-        h = _mix(k)
-        c = h & cmask
-        hit = -1
-        while ckeys[c] != _EMPTY_KEY:
-            if ckeys[c] == k:
-                hit = cslots[c]
-                break
-            c = (c + np.uint64(1)) & cmask
+        hit = _cache_probe(ckeys, cslots, hs[i] & cmask, cmask, k)
         if hit >= 0:
             for j in range(d):
                 out[i, j] = cvalues[hit, j]
@@ -71,7 +94,7 @@ def _two_tier_gather(ckeys, cslots, cvalues, chits, index, rows, floats, freqs, 
             host_rows[i] = -2
             n_cache += 1
             continue
-        p = h & hmask
+        p = hs[i] & hmask
         while True:
             r = index[p]
             if r == -1:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from services.store.prefetch import prefetch1, prefetch2
+
 EMPTY = np.int32(-1)
 TOMB = np.int32(-2)
 FID_WORDS = 2
@@ -60,14 +62,34 @@ def _find(index, rows, fids, out):
             h = (h + np.uint64(1)) & mask
 
 
+_AHEAD = 8  # keys between prefetching a row and reading it (index slots: twice that)
+
+
 @numba.njit(cache=True, nogil=True)
 def _find_gather(index, rows, floats, fids, col0, out_rows, out):
-    """Rows of fids and their float columns [col0, col0 + out.shape[1]); misses leave ``out`` as is."""
+    """Rows of fids and their float columns [col0, col0 + out.shape[1]); misses leave ``out`` as is.
+
+    Pipelined: the index slot of key i + 2D and the row of key i + D are prefetched before key i
+    is probed, so its reads hit the cache (see ``services.store.prefetch``).
+    """
     mask = np.uint64(index.shape[0] - 1)
+    n = fids.shape[0]
     d = out.shape[1]
-    for i in range(fids.shape[0]):
+    hs = np.empty(n, np.uint64)
+    for i in range(n):
+        hs[i] = _mix(fids[i]) & mask
+    for i in range(min(n, 2 * _AHEAD)):
+        prefetch1(index, hs[i])
+    for i in range(n):
+        if i + 2 * _AHEAD < n:
+            prefetch1(index, hs[i + 2 * _AHEAD])
+        if i + _AHEAD < n:
+            ahead = index[hs[i + _AHEAD]]
+            if ahead >= 0:
+                prefetch2(rows, ahead, 0)
+                prefetch2(floats, ahead, col0 + d - 1)
         k = fids[i]
-        h = _mix(k) & mask
+        h = hs[i]
         while True:
             r = index[h]
             if r == EMPTY:
