@@ -12,10 +12,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from freshet import telemetry
+from freshet.tensors import TensorError, from_tensor
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
@@ -26,6 +28,25 @@ class BadRequest(ValueError):
     def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
         super().__init__(message)
         self.code = code
+
+
+def tensor_arg(
+    tensor, dtype, ndim: int, name: str, max_len: int | None = None, unit: str | None = None
+) -> np.ndarray:
+    """Decodes a request's tensor field; a wrong dtype/shape is INVALID_ARGUMENT, too many rows RESOURCE_EXHAUSTED.
+
+    Raises:
+        BadRequest: naming the field and the problem.
+    """
+    try:
+        array = from_tensor(tensor, dtype, ndim, name)
+    except TensorError as exc:
+        raise BadRequest(str(exc)) from None
+    if max_len is not None and len(array) > max_len:
+        raise BadRequest(
+            f"{len(array)} {unit or name} exceed the limit of {max_len}", grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+    return array
 
 
 def decode_strict(request_type: type[Message], raw: bytes) -> Message:

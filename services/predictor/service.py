@@ -20,11 +20,11 @@ from freshet import bus, telemetry
 from freshet.config import BusConfig
 from freshet.delta import DeltaError, decision_subject, decode_delta
 from freshet.fids import example_fids
-from freshet.grpcutil import BadRequest, strict_service
+from freshet.grpcutil import BadRequest, strict_service, tensor_arg
 from freshet.model.v1 import model_pb2
 from freshet.predictor.v1 import predictor_pb2
 from freshet.runtime import GrpcServer, NatsMixin, Service
-from freshet.tensors import TensorError, from_tensor, to_tensor
+from freshet.tensors import to_tensor
 from services.predictor.config import PredictorConfig
 from services.predictor.replica import Replica
 
@@ -148,15 +148,7 @@ class PredictorService(NatsMixin, Service):
                 f"model {request.model!r} is not served here (serving {self.config.model!r})",
                 grpc.StatusCode.NOT_FOUND,
             )
-        try:
-            items = from_tensor(request.item_ids, np.int64, 1, "item_ids")
-        except TensorError as exc:
-            raise BadRequest(str(exc)) from None
-        if len(items) > self.config.max_candidates:
-            raise BadRequest(
-                f"{len(items)} candidates exceed the limit of {self.config.max_candidates}",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
+        items = tensor_arg(request.item_ids, np.int64, 1, "item_ids", self.config.max_candidates, "candidates")
         if request.user_id < 0 or (items < 0).any() or request.position < 0:
             raise BadRequest("user_id, item_ids and position must be >= 0")
         # No await between reading the version and scoring: one request sees one version.

@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 
 from freshet.fids import shard_of
-from freshet.grpcutil import BadRequest, strict_service
+from freshet.grpcutil import BadRequest, strict_service, tensor_arg
 from freshet.runtime import GrpcServer, Service
 from freshet.store.v1 import store_pb2
-from freshet.tensors import TensorError, from_tensor, to_tensor
+from freshet.tensors import to_tensor
 from services.store.config import StoreConfig
 from services.store.optimizers import AdagradConfig
 from services.store.tables import TableSpec, tables_from_json
@@ -65,15 +65,7 @@ class StoreHandlers:
         return self.tables[name]
 
     def _fids(self, request) -> np.ndarray:
-        try:
-            fids = from_tensor(request.fids, np.int64, 1, "fids")
-        except TensorError as exc:
-            raise BadRequest(str(exc)) from None
-        if len(fids) > self.config.max_fids_per_request:
-            raise BadRequest(
-                f"{len(fids)} fids exceed the limit of {self.config.max_fids_per_request} per request",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
+        fids = tensor_arg(request.fids, np.int64, 1, "fids", self.config.max_fids_per_request)
         if self.config.num_shards > 1:
             wrong = np.flatnonzero(shard_of(fids, self.config.num_shards) != self.config.shard)
             if len(wrong):
@@ -91,10 +83,7 @@ class StoreHandlers:
     async def push(self, request: store_pb2.PushRequest, context) -> store_pb2.PushResponse:
         table = self._table(request.table)
         fids = self._fids(request)
-        try:
-            grads = from_tensor(request.grads, np.float32, 2, "grads")
-        except TensorError as exc:
-            raise BadRequest(str(exc)) from None
+        grads = tensor_arg(request.grads, np.float32, 2, "grads")
         if grads.shape != (len(fids), table.config.dim):
             raise BadRequest(f"grads shape {list(grads.shape)} does not match [{len(fids)}, {table.config.dim}]")
         if not np.isfinite(grads).all():
