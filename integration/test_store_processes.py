@@ -148,3 +148,23 @@ async def test_graceful_stop_checkpoints_so_a_restart_loses_nothing(shards, tmp_
     restarted = shards(0, 1, data_dir)
     async with StoreClient(restarted.address) as client:
         assert np.array_equal(await client.pull("emb", fids), values)
+
+
+async def test_a_full_snapshot_restores_a_shard_on_its_own(shards, tmp_path):
+    data_dir = str(tmp_path / "shard0")
+    snapshot = tmp_path / "snap"
+    proc = shards(0, 1, data_dir)
+    fids = np.arange(1, 301, dtype=np.int64)
+    async with StoreClient(proc.address) as client:
+        await client.push("emb", fids, np.ones((300, 4), np.float32))
+        values = await client.pull("emb", fids)
+        info = (await client.checkpoint("full", snapshot_dir=str(snapshot))).tables[0]
+        await client.push("emb", fids, np.ones((300, 4), np.float32))  # after the snapshot
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.checkpoint("again", snapshot_dir=str(snapshot))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    from_snapshot = shards(0, 1, str(snapshot))
+    async with StoreClient(from_snapshot.address) as client:
+        restored = (await client.describe()).tables[0]
+        assert (restored.checkpoint_id, restored.checkpoint_tag) == (info.checkpoint_id, "full")
+        assert np.array_equal(await client.pull("emb", fids), values)

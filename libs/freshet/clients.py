@@ -84,9 +84,10 @@ class StoreClient(_Client):
     async def describe(self) -> store_pb2.DescribeResponse:
         return await self.stub.Describe(store_pb2.DescribeRequest(), **self._kw())
 
-    async def checkpoint(self, tag: str = "") -> store_pb2.CheckpointResponse:
-        """Makes the shard durable now, storing ``tag`` with the checkpoint."""
-        return await self.stub.Checkpoint(store_pb2.CheckpointRequest(tag=tag), **self._kw())
+    async def checkpoint(self, tag: str = "", snapshot_dir: str = "") -> store_pb2.CheckpointResponse:
+        """Makes the shard durable now, storing ``tag`` with the checkpoint; optionally a full snapshot too."""
+        req = store_pb2.CheckpointRequest(tag=tag, snapshot_dir=snapshot_dir)
+        return await self.stub.Checkpoint(req, **self._kw())
 
 
 class ShardedStoreClient:

@@ -134,9 +134,23 @@ class StoreHandlers:
                 "this store has no data dir (FRESHET_STORE_DATA_DIR): checkpoints need one",
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
-        for table in self.tables.values():
-            table.checkpoint(request.tag)
+        self.checkpoint_all(request.tag, request.snapshot_dir)
         return store_pb2.CheckpointResponse(tables=self.table_infos())
+
+    def checkpoint_all(self, tag: str, snapshot_dir: str = "") -> None:
+        """Checkpoints every table (and snapshots them under ``snapshot_dir`` when given).
+
+        Runs synchronously on the event loop on purpose: no Push interleaves, so all tables of
+        the shard are captured at one point of the update stream.
+        """
+        if snapshot_dir and Path(snapshot_dir).exists():
+            raise BadRequest(f"snapshot_dir {snapshot_dir!r} already exists", grpc.StatusCode.ALREADY_EXISTS)
+        for name, table in self.tables.items():
+            if snapshot_dir:
+                Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
+                table.snapshot(str(Path(snapshot_dir) / name), tag)
+            else:
+                table.checkpoint(tag)
 
 
 class StoreService(Service):

@@ -97,10 +97,12 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., version: _Optional[int] = ..., checkpoint_id: _Optional[int] = ..., checkpoint_version: _Optional[int] = ..., checkpoint_tag: _Optional[str] = ..., stats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("tag",)
+    __slots__ = ("tag", "snapshot_dir")
     TAG_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_DIR_FIELD_NUMBER: _ClassVar[int]
     tag: str
-    def __init__(self, tag: _Optional[str] = ...) -> None: ...
+    snapshot_dir: str
+    def __init__(self, tag: _Optional[str] = ..., snapshot_dir: _Optional[str] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
     __slots__ = ("tables",)
