@@ -9,11 +9,12 @@ from services.store.host import HostTier
 
 def test_10_million_random_fids_get_distinct_rows_and_read_back():
     rng = np.random.default_rng(0)
-    fids = np.unique(rng.integers(-(2**63) + 2, 2**63 - 1, 10_000_000, dtype=np.int64))
+    fids = np.sort(rng.integers(-(2**63) + 2, 2**63 - 1, 10_000_000, dtype=np.int64))
+    fids = fids[np.concatenate([[True], np.diff(fids) != 0])]
     host = HostTier(width=1, capacity=len(fids))
     rows = host.insert(fids)
     assert len(host) == len(fids)
-    assert len(np.unique(rows)) == len(fids)  # never two fids on one row
+    assert (np.diff(np.sort(rows)) != 0).all()  # never two fids on one row
     assert np.array_equal(host.find(fids), rows)
     assert np.array_equal(host.fids_of(rows), fids)
     absent = rng.integers(-(2**63) + 2, 2**63 - 1, 100_000, dtype=np.int64)
