@@ -75,10 +75,12 @@ def _admission_from_dict(d: dict[str, Any] | None) -> AdmissionConfig | None:
         return None
     d = dict(d)
     kind = d.pop("kind", None)
-    if kind == "count":
-        return CountAdmissionConfig(**d)
-    if kind == "probabilistic":
-        return ProbabilisticAdmissionConfig(**d)
+    kinds = {"count": CountAdmissionConfig, "probabilistic": ProbabilisticAdmissionConfig}
+    if kind in kinds:
+        unknown = set(d) - set(kinds[kind].__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} for {kind} admission")
+        return kinds[kind](**d)
     raise ValueError(f"admission kind must be 'count' or 'probabilistic', got {kind!r}")
 
 

@@ -82,7 +82,9 @@ class TieredTable(EmbeddingTable):
         self._admission: dict[int, Admission] = {}
         self._version = 0
         self._checkpoint = CheckpointInfo(0, 0, "", 0.0)
-        self._evicted_since_checkpoint: list[np.ndarray] = []
+        # Fids evicted since the last checkpoint: RocksDB still holds them until then, so reads
+        # of RocksDB treat them as absent, and the next checkpoint deletes them.
+        self._evicted: set[int] = set()
         self._cold_max_version = 0
         self.stats: Counter = Counter()
         self.cache = DeviceCache(spec.device_cache_rows, spec.dim, device) if spec.device_cache_rows else None
@@ -142,7 +144,7 @@ class TieredTable(EmbeddingTable):
         dim = self.spec.dim
         left = np.ones(len(fids), bool)
         if self.cold is not None:
-            found, rows = self.cold.get(fids)
+            found, rows = self._cold_get(fids)
             if found.any():
                 out[positions[found]] = rows.data[found, :dim]
                 self.stats["cold_hits"] += int(found.sum())
@@ -151,6 +153,13 @@ class TieredTable(EmbeddingTable):
         if left.any():
             out[positions[left]] = initial_values(fids[left], dim, self.spec.init_scale, self.spec.seed)
             self.stats["initial_reads"] += int(left.sum())
+
+    def _cold_get(self, fids: np.ndarray) -> tuple[np.ndarray, RowBatch]:
+        """RocksDB rows of fids, treating fids evicted since the last checkpoint as absent."""
+        found, rows = self.cold.get(fids)
+        if self._evicted and found.any():
+            found &= np.fromiter((f not in self._evicted for f in fids.tolist()), bool, len(fids))
+        return found, rows
 
     def _queue_promotion(self, rows: RowBatch) -> None:
         # Pulled cold rows are hot again: bring them to the host now, capacity permitting.
@@ -206,7 +215,7 @@ class TieredTable(EmbeddingTable):
         out = np.full(len(fids), -1, np.int64)
         new = np.ones(len(fids), bool)
         if self.cold is not None:
-            found, rows = self.cold.get(fids)
+            found, rows = self._cold_get(fids)
             if found.any():
                 out[found] = self._load_rows(rows.take(found))
                 self.stats["promoted"] += int(found.sum())
@@ -215,6 +224,10 @@ class TieredTable(EmbeddingTable):
             candidates = fids[new]
             admitted = self._admit(candidates)
             fresh = candidates[admitted]
+            if len(fresh) and self._evicted:
+                self._evicted.difference_update(
+                    fresh.tolist()
+                )  # a new life: written, not deleted, next checkpoint
             if len(fresh):
                 host_rows = self.host.insert(fresh)
                 dim = self.spec.dim
@@ -282,32 +295,37 @@ class TieredTable(EmbeddingTable):
         to the last checkpoint in between.
         """
         now = self.clock() if now is None else now
-        ttl_slots = {s: p.ttl_s for s, p in self.spec.slots.items() if p.ttl_s is not None}
-        default_ttl = self.spec.default_policy.ttl_s
-        if not ttl_slots and default_ttl is None:
+        policies = [self.spec.default_policy, *self.spec.slots.values()]
+        if all(p.ttl_s is None for p in policies):
             return 0
         live = self.host.live_rows()
         fids = self.host.fids_of(live)
-        slots = slot_of(fids)
-        ttl = np.full(len(live), np.inf if default_ttl is None else default_ttl)
-        for slot, seconds in ttl_slots.items():
-            ttl[slots == slot] = seconds
-        expired = fids[self.host.last_seen[live] + ttl < now]
+        expired = fids[self.host.last_seen[live] + self._ttls(fids) < now]
         if len(expired):
             self.host.erase(expired)
             self.refresh_cache()  # an evicted row must not stay readable from the cache
             if self.cold is not None:
-                self._evicted_since_checkpoint.append(expired)
+                self._evicted.update(expired.tolist())
         total = len(expired)
         if include_cold and self.cold is not None:
             for batch in self.cold.scan():
-                ttl = np.array([self._ttl(int(s)) for s in slot_of(batch.fids).tolist()])
-                old = batch.fids[(batch.last_seen + ttl < now) & (self.host.find(batch.fids) < 0)]
-                if len(old):
-                    self._evicted_since_checkpoint.append(old)
-                    total += len(old)
+                old = batch.fids[
+                    (batch.last_seen + self._ttls(batch.fids) < now) & (self.host.find(batch.fids) < 0)
+                ]
+                fresh = [f for f in old.tolist() if f not in self._evicted]
+                self._evicted.update(fresh)
+                total += len(fresh)
         self.stats["evicted_ttl"] += total
         return total
+
+    def _ttls(self, fids: np.ndarray) -> np.ndarray:
+        """TTL in seconds of each fid's slot (inf: never expires), float64 [n]."""
+        slots = slot_of(fids)
+        default = self.spec.default_policy.ttl_s
+        out = np.full(len(fids), np.inf if default is None else float(default), np.float64)
+        for slot in self.spec.slots:
+            out[slots == slot] = self._ttl(slot)
+        return out
 
     def _ttl(self, slot: int) -> float:
         ttl = self.spec.policy(slot).ttl_s
@@ -337,7 +355,7 @@ class TieredTable(EmbeddingTable):
         versions = self.host.versions[rows]
         if self.cold is not None and self._cold_max_version > since_version:
             # Rows demoted or restored since then live only in RocksDB.
-            in_host = set(fids.tolist())
+            in_host = set(fids.tolist()) | self._evicted
             parts = [b for b in self.cold.scan_changed(since_version) if len(b)]
             if parts:
                 cold = RowBatch.concat(parts)
@@ -381,7 +399,7 @@ class TieredTable(EmbeddingTable):
             last_seen=self.host.last_seen[rows],
             data=self.host.floats[rows, 2:],
         )
-        evicted = np.concatenate(self._evicted_since_checkpoint) if self._evicted_since_checkpoint else None
+        evicted = np.fromiter(self._evicted, np.int64, len(self._evicted)) if self._evicted else None
         info = CheckpointInfo(self._checkpoint.checkpoint_id + 1, self._version, tag, time.time())
         meta = {META_CHECKPOINT: json.dumps(info.__dict__).encode()}
         for slot, admission in self._admission.items():
@@ -389,7 +407,7 @@ class TieredTable(EmbeddingTable):
         meta["admission_slots"] = json.dumps([f"admission:{slot}" for slot in self._admission]).encode()
         self.cold.write(rows=batch, delete_fids=evicted, meta=meta)
         self.cold.flush()
-        self._evicted_since_checkpoint.clear()
+        self._evicted.clear()
         self._checkpoint = info
         self._cold_max_version = max(self._cold_max_version, self._version)
         self.stats["checkpoint_rows"] += len(batch)

@@ -141,7 +141,9 @@ def test_a_tombstone_does_not_hide_a_fid_inserted_after_it_in_the_same_chain():
 
 def test_random_batched_inserts_and_erases_agree_with_a_dict_model():
     rng = np.random.default_rng(4)
-    universe = np.unique(np.concatenate([_colliding_fids(200, bits=10, seed=3), rng.integers(-(2**62), 2**62, 2000)]))
+    universe = np.unique(
+        np.concatenate([_colliding_fids(200, bits=10, seed=3), rng.integers(-(2**62), 2**62, 2000)])
+    )
     host = HostTier(2, capacity=16)
     model: dict[int, int] = {}
     for step in range(20_000):
