@@ -30,7 +30,7 @@ import bisect
 import heapq
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from types import TracebackType
 
@@ -370,10 +370,7 @@ class RocksJoinState(JoinState):
 
     def load_meta(self) -> JoinMeta | None:
         value = self._read(_META)
-        if isinstance(value, bytes):
-            d = json.loads(value)
-            return JoinMeta(d["max_event_ms"], d["watermark_ms"], d["counters"])
-        return value
+        return JoinMeta(**json.loads(value)) if isinstance(value, bytes) else value
 
     def save_meta(self, meta: JoinMeta) -> None:
         self._pending[_META] = meta
@@ -410,31 +407,16 @@ def _encode(key: bytes, value: object) -> bytes:
         return b""
     if key.startswith(_B):
         return json.dumps([[int(a.type), a.value, a.event_time_ms] for a in value]).encode()
-    if key == _META:
-        return json.dumps(
-            {"max_event_ms": value.max_event_ms, "watermark_ms": value.watermark_ms, "counters": value.counters}
-        ).encode()
-    imp = value.impression
-    return json.dumps(
-        {
-            "imp": [imp.request_id, imp.user_id, imp.item_id, imp.position, imp.event_time_ms, imp.context],
-            "close_ms": value.close_ms,
-            "labels": value.labels,
-            "types": sorted(int(t) for t in value.types),
-            "version": value.version,
-            "closed": value.closed,
-        }
-    ).encode()
+    fields = asdict(value)  # a WindowRecord or JoinMeta
+    if isinstance(value, WindowRecord):
+        fields["types"] = sorted(int(t) for t in value.types)
+    return json.dumps(fields).encode()
 
 
 def _decode_window(raw: bytes) -> WindowRecord:
-    d = json.loads(raw)
-    rid, uid, item, pos, t, ctx = d["imp"]
-    return WindowRecord(
-        impression=ImpressionEvent(rid, uid, item, pos, t, tuple((k, v) for k, v in ctx)),
-        close_ms=d["close_ms"],
-        labels=tuple(d["labels"]),
-        types=frozenset(ActionType(k) for k in d["types"]),
-        version=d["version"],
-        closed=d["closed"],
-    )
+    fields = json.loads(raw)
+    imp = fields.pop("impression")
+    imp["context"] = tuple(tuple(pair) for pair in imp["context"])
+    fields["labels"] = tuple(fields["labels"])
+    fields["types"] = frozenset(ActionType(t) for t in fields["types"])
+    return WindowRecord(ImpressionEvent(**imp), **fields)
