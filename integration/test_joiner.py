@@ -21,7 +21,9 @@ async def samples_in_stream(js) -> list:
 
 
 async def test_malformed_events_are_dead_lettered_and_the_join_goes_on(nats_url):
-    async with JoinerService(JoinerConfig(window_s=0.3), BusConfig(nats_url=nats_url)) as joiner:
+    async with JoinerService(
+        JoinerConfig(window_s=0.3, allowed_lateness_s=0, idle_timeout_s=0.2), BusConfig(nats_url=nats_url)
+    ) as joiner:
         js = joiner.js
         await bus.publish(js, "events.impressions.0", b"\xff\xff\xff garbage")
         await bus.publish(
@@ -52,12 +54,15 @@ async def test_malformed_events_are_dead_lettered_and_the_join_goes_on(nats_url)
 
         batches = await assert_eventually(both_samples, timeout_s=10)
         labels = {b.sample_ids[0]: float(b.labels[0]) for b in batches}
-        assert labels == {"r1:2": 1.0, "r2:3": 0.0}
+        assert labels == {"r1:2:v1": 1.0, "r2:3:v1": 0.0}
         assert joiner.counts["positives"] == 1 and joiner.counts["negatives"] == 1
 
 
 async def test_restarted_joiner_does_not_emit_a_sample_twice(nats_url):
-    config, bus_config = JoinerConfig(window_s=0.2), BusConfig(nats_url=nats_url)
+    config, bus_config = (
+        JoinerConfig(window_s=0.2, allowed_lateness_s=0, idle_timeout_s=0.2),
+        BusConfig(nats_url=nats_url),
+    )
     async with JoinerService(config, bus_config) as joiner:
         for i in range(5):
             imp = events_pb2.Impression(request_id=f"r{i}", user_id=1, item_id=i)
@@ -72,7 +77,7 @@ async def test_restarted_joiner_does_not_emit_a_sample_twice(nats_url):
         await bus.publish(joiner.js, "events.impressions.0", extra.SerializeToString(), msg_id="i9")
         await assert_eventually(lambda: joiner.counts["negatives"] == 1, timeout_s=10)
         batches = await samples_in_stream(joiner.js)
-        assert sorted(b.sample_ids[0] for b in batches) == [f"r{i}:{i}" for i in (0, 1, 2, 3, 4, 9)]
+        assert sorted(b.sample_ids[0] for b in batches) == [f"r{i}:{i}:v1" for i in (0, 1, 2, 3, 4, 9)]
 
 
 async def test_sample_continues_the_trace_of_the_click_that_labelled_it(nats_url):

@@ -78,6 +78,7 @@ class ConsumerSpec:
     max_deliver: int = 5  # -1: redeliver forever (failures are never the message's fault)
     max_ack_pending: int = 10_000
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
+    opt_start_seq: int | None = None  # with DeliverPolicy.BY_START_SEQUENCE
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -88,6 +89,7 @@ class ConsumerSpec:
             max_ack_pending=self.max_ack_pending,
             filter_subject=self.filter_subject,
             deliver_policy=self.deliver_policy,
+            opt_start_seq=self.opt_start_seq,
         )
 
 

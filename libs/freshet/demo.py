@@ -204,6 +204,7 @@ async def run_demo(seconds: float, rate: float, seed: int, workdir: Path) -> int
             "FRESHET_STORE_NUM_SHARDS": str(STORE_SHARDS),
             "FRESHET_PREDICTOR_PORT": str(predictor_port),
             "FRESHET_JOIN_WINDOW_S": os.environ.get("FRESHET_JOIN_WINDOW_S", "2.0"),
+            "FRESHET_JOINER_STATE_DIR": str(workdir / "joiner"),
         }
         procs = Processes(log_dir, env)
         exit_code = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from freshet.config import env_field
+from services.joiner.eventjoin import JoinConfig
 
 
 @dataclass(frozen=True)
@@ -12,12 +13,40 @@ class JoinerConfig:
     """Joiner settings, each read from the named environment variable."""
 
     window_s: float = env_field(
-        "FRESHET_JOIN_WINDOW_S", "seconds an impression waits for a click before it becomes a negative", 5.0
+        "FRESHET_JOIN_WINDOW_S", "event-time seconds an impression waits for actions before it is a negative", 5.0
+    )
+    allowed_lateness_s: float = env_field(
+        "FRESHET_JOIN_ALLOWED_LATENESS_S", "how far the watermark stays behind the latest event time", 1.0
+    )
+    idle_timeout_s: float = env_field(
+        "FRESHET_JOIN_IDLE_TIMEOUT_S", "without events for this long, the watermark follows processing time", 1.0
+    )
+    late_policy: str = env_field(
+        "FRESHET_JOIN_LATE_POLICY", "late actions: drop, or correct (emit a correction)", "drop"
+    )
+    negative_rate: float = env_field(
+        "FRESHET_JOIN_NEGATIVE_RATE", "share of negatives kept (weighted 1/rate), in (0, 1]", 1.0
+    )
+    seed: int = env_field("FRESHET_JOIN_SEED", "seed of the negative down-sampling hash", 0)
+    retention_s: float = env_field(
+        "FRESHET_JOIN_RETENTION_S", "how long closed keys are remembered to recognise duplicates", 60.0
+    )
+    state_dir: str = env_field(
+        "FRESHET_JOINER_STATE_DIR", "RocksDB directory of the join state; empty keeps it in memory", ""
     )
     partitions: int = env_field("FRESHET_PARTITIONS", "sample subjects samples.<0..n-1>", 1)
     durable: str = env_field("FRESHET_JOINER_DURABLE", "durable consumer name on the EVENTS stream", "joiner")
     subject: str = env_field("FRESHET_JOINER_SUBJECT", "event subjects this instance consumes", "events.>")
-    fetch_batch: int = env_field("FRESHET_JOINER_FETCH_BATCH", "messages fetched per pull", 256)
-    max_pending: int = env_field(
-        "FRESHET_JOINER_MAX_PENDING", "un-acked events held in the window (consumer max_ack_pending)", 100_000
-    )
+    fetch_batch: int = env_field("FRESHET_JOINER_FETCH_BATCH", "messages fetched per pull", 512)
+    tick_s: float = env_field("FRESHET_JOINER_TICK_S", "seconds between watermark advances without events", 0.1)
+
+    def join_config(self) -> JoinConfig:
+        return JoinConfig(
+            window_ms=int(self.window_s * 1000),
+            allowed_lateness_ms=int(self.allowed_lateness_s * 1000),
+            idle_timeout_ms=max(1, int(self.idle_timeout_s * 1000)),
+            late_policy=self.late_policy,
+            negative_rate=self.negative_rate,
+            seed=self.seed,
+            retention_ms=int(self.retention_s * 1000),
+        )

@@ -1,19 +1,25 @@
-"""The joiner: impressions + clicks from ``events.>`` become labelled samples on ``samples.<p>``.
+"""The joiner: impressions + actions from ``events.>`` become labelled samples on ``samples.<p>``.
 
-Nothing is lost across a crash: an input event stays un-acknowledged until the sample it
-resolves into has been acknowledged by JetStream, and every sample carries a deterministic
-``Nats-Msg-Id`` so the replay after a restart is deduplicated by the stream.
+Exactly once, across crashes: for each fetched batch the joiner (1) runs the event-time join
+(``EventJoin``), (2) publishes the samples it produced with their deterministic ``Nats-Msg-Id``
+and waits for JetStream's acknowledgements, (3) commits the join state atomically, and only then
+(4) acknowledges the input messages. A crash before (3) replays the inputs against the previous
+state and regenerates the same sample ids (deduplicated by the stream); a crash between (3) and
+(4) replays inputs the state has already seen, which the join rules turn into no new samples.
+The join rules are documented in ``services/joiner/eventjoin.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import zlib
+from dataclasses import replace
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
 from freshet.batches import Sample, encode_samples
@@ -22,7 +28,8 @@ from freshet.events.v1 import events_pb2
 from freshet.fids import example_fids
 from freshet.runtime import NatsMixin, Service
 from services.joiner.config import JoinerConfig
-from services.joiner.join import JoinState, Resolution
+from services.joiner.eventjoin import ActionEvent, EventJoin, ImpressionEvent, JoinedSample
+from services.joiner.joinstate import MemoryJoinState, RocksJoinState
 
 logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -55,6 +62,20 @@ def partition_of(request_id: str, partitions: int) -> int:
     return zlib.crc32(request_id.encode()) % partitions
 
 
+def to_sample(joined: JoinedSample) -> Sample:
+    """The training sample of a joined impression: the click label, the down-sampling weight."""
+    imp = joined.impression
+    return Sample(
+        sample_id=joined.sample_id,
+        fids=example_fids(imp.user_id, [imp.item_id], imp.position, dict(imp.context))[0],
+        label=joined.label_vector[0],
+        weight=joined.weight,
+        event_time_ms=imp.event_time_ms,
+        user_id=imp.user_id,
+        item_id=imp.item_id,
+    )
+
+
 class JoinerService(NatsMixin, Service):
     """Runs the join on one durable consumer of the EVENTS stream."""
 
@@ -64,12 +85,17 @@ class JoinerService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
-        self.state = JoinState(window_s=config.window_s)
+        state = RocksJoinState(config.state_dir) if config.state_dir else MemoryJoinState()
+        self.join = EventJoin(config.join_config(), state)
+        self._state = state
+        self._lock = asyncio.Lock()  # one join step (process, publish, commit) at a time
+        self.samples_published = 0
         self.loop: bus.PullLoop | None = None
 
     @property
-    def counts(self):
-        return self.state.counts
+    def counts(self) -> dict[str, int]:
+        """Join counters (``positives``, ``negatives``, every drop class) plus ``samples`` published."""
+        return {**self.join.counters, "samples": self.samples_published}
 
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-joiner")
@@ -77,84 +103,106 @@ class JoinerService(NatsMixin, Service):
             stream=bus.EVENTS.name,
             durable=self.config.durable,
             filter_subject=self.config.subject,
-            ack_wait_s=self.config.window_s + 30.0,
-            max_ack_pending=self.config.max_pending,
+            max_ack_pending=max(10_000, 4 * self.config.fetch_batch),
+            max_deliver=-1,  # failures here are publish/state failures, never the event's fault
         )
-        self.loop = bus.PullLoop(self.js, spec, handler=None, source="events", batch=self.config.fetch_batch)
-        self.loop.handler = bus.PullLoop.per_message(self.loop, self._on_message)
+        spec = await self._resume_in_order(spec)
+        self.loop = bus.PullLoop(
+            self.js, spec, handler=self._on_batch, source="events", batch=self.config.fetch_batch
+        )
         self.spawn(self.loop.run(self.stopping), "joiner-consume")
-        self.spawn(self._expire_forever(), "joiner-expire")
+        self.spawn(self._tick_forever(), "joiner-tick")
+
+    async def _resume_in_order(self, spec: bus.ConsumerSpec) -> bus.ConsumerSpec:
+        """Restarts the consumer right after its ack floor, so un-acked events come back first and in order.
+
+        JetStream would redeliver them only after ``ack_wait``, behind newer events that would
+        already have moved the watermark past their windows. Everything up to the ack floor is
+        committed in the join state (inputs are acknowledged after the commit); events after it
+        that were committed too are recognised as duplicates when they come again.
+        """
+        try:
+            info = await self.js.consumer_info(spec.stream, spec.durable)
+        except NotFoundError:
+            return spec
+        start = info.ack_floor.stream_seq + 1 if info.ack_floor else 1
+        await self.js.delete_consumer(spec.stream, spec.durable)
+        logger.info("resuming events after the ack floor", extra={"start_seq": start})
+        return replace(spec, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
 
     async def _stop(self) -> None:
         await self._drain_nats()
+        self._state.close()
 
-    async def _on_message(self, msg: Msg) -> bus.Outcome:
+    def _event(self, msg: Msg) -> ImpressionEvent | ActionEvent:
         kind = msg.subject.split(".")[1] if msg.subject.count(".") >= 1 else ""
-        now = time.monotonic()
-        if kind == "impressions":
-            imp = self._parse(events_pb2.Impression, msg)
-            if reason := validate_impression(imp):
-                raise bus.Reject(reason)
-            resolution = self.state.on_impression(imp, msg, now)
-        elif kind == "actions":
-            action = self._parse(events_pb2.Action, msg)
-            if reason := validate_action(action):
-                raise bus.Reject(reason)
-            if action.type != events_pb2.ACTION_TYPE_CLICK:
-                self.state.counts["ignored_actions"] += 1
-                return bus.Outcome.ACK  # only clicks label samples in this model
-            resolution = self.state.on_click(action, msg, now)
-        else:
+        proto, validate, event = {
+            "impressions": (events_pb2.Impression, validate_impression, ImpressionEvent),
+            "actions": (events_pb2.Action, validate_action, ActionEvent),
+        }.get(kind, (None, None, None))
+        if proto is None:
             raise bus.Reject(f"unknown event subject {msg.subject!r}")
-        if resolution is not None:
-            await self._emit([resolution])
-        return bus.Outcome.DEFER
-
-    @staticmethod
-    def _parse(kind, msg: Msg):
         try:
-            return kind.FromString(msg.data)
+            parsed = proto.FromString(msg.data)
         except DecodeError as exc:
-            raise bus.Reject(f"cannot decode {kind.DESCRIPTOR.name}: {exc}") from None
+            raise bus.Reject(f"cannot decode {proto.DESCRIPTOR.name}: {exc}") from None
+        if reason := validate(parsed):
+            raise bus.Reject(reason)
+        try:
+            return event.from_proto(parsed)
+        except ValueError as exc:
+            raise bus.Reject(str(exc)) from None
 
-    async def _emit(self, resolutions: list[Resolution]) -> None:
-        """Publishes the samples, then acknowledges the inputs that produced them."""
-        for res in resolutions:
-            if res.label >= 0:
-                await self._publish_sample(res)
-                self.state.counts["samples"] += 1
-            for handle in res.handles:
-                await handle.ack()
+    async def _on_batch(self, msgs: list[Msg]) -> list[bus.Outcome]:
+        async with self._lock:
+            outcomes, produced = [], []
+            for msg in msgs:
+                try:
+                    ev = self._event(msg)
+                except bus.Reject as rej:
+                    await self.loop.reject(msg, rej.reason)
+                    outcomes.append(bus.Outcome.DEFER)
+                    continue
+                joined = (
+                    self.join.on_impression(ev) if isinstance(ev, ImpressionEvent) else self.join.on_action(ev)
+                )
+                produced.append((msg.headers, joined))
+                outcomes.append(bus.Outcome.ACK)
+            produced.append((None, self.join.advance(bus.now_ms())))
+            await self._publish(produced)
+            self.join.commit()
+        return outcomes  # acknowledged by the loop only now, after the commit
 
-    async def _publish_sample(self, res: Resolution) -> None:
-        imp = res.impression
-        sample = Sample(
-            sample_id=f"{imp.request_id}:{imp.item_id}",
-            fids=example_fids(imp.user_id, [imp.item_id], imp.position, dict(imp.context))[0],
-            label=res.label,
-            event_time_ms=imp.event_time_ms,
-            user_id=imp.user_id,
-            item_id=imp.item_id,
-        )
-        subject = f"samples.{partition_of(imp.request_id, self.config.partitions)}"
-        # The event that resolved the join (the click, or the impression on expiry) is the parent,
-        # so the event's trace continues through training; the other input is linked.
-        *others, trigger = res.handles
-        parent = telemetry.extract_headers(trigger.headers)
-        links = telemetry.links_from(h.headers for h in others)
-        with tracer.start_as_current_span(
-            "join_sample", context=parent, links=links, attributes={"label": res.label}
-        ):
-            await bus.publish(self.js, subject, encode_samples([sample]), msg_id=f"s:{sample.sample_id}")
-
-    async def _expire_forever(self) -> None:
+    async def _tick_forever(self) -> None:
+        """Advances the watermark without events, so windows close when traffic stops."""
         while not self.stopping.is_set():
-            negatives, orphans = self.state.expire(time.monotonic())
-            if negatives:
-                await self._emit(negatives)
-            for handle in orphans:
-                await handle.ack()
             try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=min(0.1, self.config.window_s / 4))
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.config.tick_s)
             except TimeoutError:
                 pass
+            async with self._lock:
+                fired = self.join.advance(bus.now_ms())
+                if fired:
+                    await self._publish([(None, fired)])
+                    self.join.commit()
+
+    async def _publish(self, produced: list[tuple[dict | None, list[JoinedSample]]]) -> None:
+        """Publishes samples concurrently and waits for every acknowledgement."""
+        tasks = []
+        for headers, samples in produced:
+            parent = telemetry.extract_headers(headers)
+            for joined in samples:
+                tasks.append(self._publish_one(joined, parent))
+        if tasks:
+            await asyncio.gather(*tasks)
+            self.samples_published += len(tasks)
+
+    async def _publish_one(self, joined: JoinedSample, parent) -> None:
+        subject = f"samples.{partition_of(joined.key[0], self.config.partitions)}"
+        # The event that produced the sample is the parent, so its trace continues through training.
+        with tracer.start_as_current_span(
+            "join_sample", context=parent, attributes={"label": joined.label_vector[0], "version": joined.version}
+        ):
+            await bus.publish(
+                self.js, subject, encode_samples([to_sample(joined)]), msg_id=f"s:{joined.sample_id}"
+            )
