@@ -50,7 +50,10 @@ bench-store: $(STAMP) ## embedding store benchmark -> bench/results/store.json (
 bench-device-cache: $(STAMP) ## device cache on CPU (and CUDA when present) -> bench/results/device_cache.json
 	$(BIN)/python bench/device_cache_bench.py
 
+bench-joiner: $(STAMP) ## joiner throughput and join latency -> bench/results/joiner.json (+ joiner.md)
+	$(BIN)/python bench/joiner_bench.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help setup protos protos-check lint format test test-unit demo bench-store bench-device-cache clean
+.PHONY: help setup protos protos-check lint format test test-unit demo bench-store bench-device-cache bench-joiner clean
