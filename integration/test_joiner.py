@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from freshet import bus
 from freshet.batches import decode_samples
 from freshet.config import BusConfig
@@ -102,3 +104,39 @@ async def test_sample_continues_the_trace_of_the_click_that_labelled_it(nats_url
 
         msg = await assert_eventually(sample_msg, timeout_s=10)
         assert msg.headers["traceparent"].split("-")[1] == trace_id
+
+
+async def test_two_instances_each_owning_a_partition_join_their_own_events(nats_url):
+    bus_config = BusConfig(nats_url=nats_url)
+
+    def config(owned: str) -> JoinerConfig:
+        return JoinerConfig(
+            window_s=0.2, allowed_lateness_s=0, idle_timeout_s=0.2, partitions=2, owned_partitions=(owned,)
+        )
+
+    async with JoinerService(config("0"), bus_config) as first, JoinerService(config("1"), bus_config) as second:
+        js = first.js
+        requests = [f"q{i}" for i in range(40)]
+        for request in requests:
+            p = bus.event_partition(request, 2)
+            imp = events_pb2.Impression(request_id=request, user_id=1, item_id=7, event_time_ms=bus.now_ms())
+            await bus.publish(js, f"events.impressions.{p}", imp.SerializeToString())
+            act = events_pb2.Action(request_id=request, item_id=7, type=events_pb2.ACTION_TYPE_CLICK)
+            act.event_time_ms = imp.event_time_ms + 1
+            await bus.publish(js, f"events.actions.{p}", act.SerializeToString())
+
+        async def all_joined():
+            return (await js.stream_info(bus.SAMPLES.name, subjects_filter="samples.>")).state.messages == 40
+
+        await assert_eventually(all_joined, timeout_s=10)
+        owned = {0: first, 1: second}
+        for p, joiner in owned.items():
+            mine = [r for r in requests if bus.event_partition(r, 2) == p]
+            assert joiner.counts["positives"] == len(mine)
+        info = await js.stream_info(bus.SAMPLES.name, subjects_filter="samples.>")
+        assert set(info.state.subjects) == {"samples.0", "samples.1"}
+
+
+def test_a_partition_outside_the_configured_count_is_a_configuration_error():
+    with pytest.raises(ValueError, match="FRESHET_JOINER_PARTITIONS"):
+        JoinerService(JoinerConfig(partitions=2, owned_partitions=("2",)), BusConfig())

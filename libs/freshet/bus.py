@@ -13,6 +13,7 @@ import asyncio
 import enum
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -274,6 +275,12 @@ class PullLoop:
         await dead_letter(self.js, self.source, msg, reason)
         await msg.term()
         self.stats["dead_lettered"] += 1
+
+
+def event_partition(request_id: str, partitions: int) -> int:
+    """The event partition of a request (stable across processes): clients publish its impressions
+    and actions on ``events.impressions.<p>`` / ``events.actions.<p>``, and joiners own partitions."""
+    return zlib.crc32(request_id.encode()) % partitions
 
 
 def now_ms() -> int:

@@ -34,9 +34,17 @@ class JoinerConfig:
     state_dir: str = env_field(
         "FRESHET_JOINER_STATE_DIR", "RocksDB directory of the join state; empty keeps it in memory", ""
     )
-    partitions: int = env_field("FRESHET_PARTITIONS", "sample subjects samples.<0..n-1>", 1)
-    durable: str = env_field("FRESHET_JOINER_DURABLE", "durable consumer name on the EVENTS stream", "joiner")
-    subject: str = env_field("FRESHET_JOINER_SUBJECT", "event subjects this instance consumes", "events.>")
+    partitions: int = env_field(
+        "FRESHET_PARTITIONS", "event partitions: events.<kind>.<0..n-1>, samples.<0..n-1>", 1
+    )
+    owned_partitions: tuple[str, ...] = env_field(
+        "FRESHET_JOINER_PARTITIONS", "partitions this instance joins, comma separated; empty: all", ()
+    )
+    durable: str = env_field(
+        "FRESHET_JOINER_DURABLE",
+        "durable consumer name prefix on EVENTS (one per partition: <name>-p<n>)",
+        "joiner",
+    )
     fetch_batch: int = env_field("FRESHET_JOINER_FETCH_BATCH", "messages fetched per pull", 512)
     tick_s: float = env_field("FRESHET_JOINER_TICK_S", "seconds between watermark advances without events", 0.1)
 

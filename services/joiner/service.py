@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -57,11 +58,6 @@ def validate_action(action: events_pb2.Action) -> str | None:
     return None
 
 
-def partition_of(request_id: str, partitions: int) -> int:
-    """Partition of a request id (stable across processes)."""
-    return zlib.crc32(request_id.encode()) % partitions
-
-
 def to_sample(joined: JoinedSample) -> Sample:
     """The training sample of a joined impression: the click label, the down-sampling weight."""
     imp = joined.impression
@@ -76,8 +72,27 @@ def to_sample(joined: JoinedSample) -> Sample:
     )
 
 
+class PartitionJoin:
+    """The join of one event partition: its own consumer, join state and watermark."""
+
+    def __init__(self, partition: int, config: JoinerConfig) -> None:
+        self.partition = partition
+        state_dir = str(Path(config.state_dir) / f"p{partition}") if config.state_dir else ""
+        self.state = RocksJoinState(state_dir) if state_dir else MemoryJoinState()
+        self.join = EventJoin(config.join_config(), self.state)
+        self.lock = asyncio.Lock()  # one join step (process, publish, commit) at a time
+        self.loop: bus.PullLoop | None = None
+        self.spec = bus.ConsumerSpec(
+            stream=bus.EVENTS.name,
+            durable=f"{config.durable}-p{partition}",
+            filter_subject=f"events.*.{partition}",
+            max_ack_pending=max(10_000, 4 * config.fetch_batch),
+            max_deliver=-1,  # failures here are publish/state failures, never the event's fault
+        )
+
+
 class JoinerService(NatsMixin, Service):
-    """Runs the join on one durable consumer of the EVENTS stream."""
+    """Runs one event-time join per owned partition, each on its own durable consumer."""
 
     name = "joiner"
 
@@ -85,33 +100,37 @@ class JoinerService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
-        state = RocksJoinState(config.state_dir) if config.state_dir else MemoryJoinState()
-        self.join = EventJoin(config.join_config(), state)
-        self._state = state
-        self._lock = asyncio.Lock()  # one join step (process, publish, commit) at a time
+        owned = [int(p) for p in config.owned_partitions] or list(range(config.partitions))
+        bad = [p for p in owned if not 0 <= p < config.partitions]
+        if bad:
+            raise ValueError(
+                f"FRESHET_JOINER_PARTITIONS {bad} outside [0, FRESHET_PARTITIONS={config.partitions})"
+            )
+        self.partitions = [PartitionJoin(p, config) for p in owned]
         self.samples_published = 0
-        self.loop: bus.PullLoop | None = None
 
     @property
     def counts(self) -> dict[str, int]:
-        """Join counters (``positives``, ``negatives``, every drop class) plus ``samples`` published."""
-        return {**self.join.counters, "samples": self.samples_published}
+        """Join counters over all owned partitions (positives, negatives, every drop class) plus samples."""
+        total: dict[str, int] = {}
+        for part in self.partitions:
+            for name, value in part.join.counters.items():
+                total[name] = total.get(name, 0) + value
+        return {**total, "samples": self.samples_published}
 
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-joiner")
-        spec = bus.ConsumerSpec(
-            stream=bus.EVENTS.name,
-            durable=self.config.durable,
-            filter_subject=self.config.subject,
-            max_ack_pending=max(10_000, 4 * self.config.fetch_batch),
-            max_deliver=-1,  # failures here are publish/state failures, never the event's fault
-        )
-        spec = await self._resume_in_order(spec)
-        self.loop = bus.PullLoop(
-            self.js, spec, handler=self._on_batch, source="events", batch=self.config.fetch_batch
-        )
-        self.spawn(self.loop.run(self.stopping), "joiner-consume")
-        self.spawn(self._tick_forever(), "joiner-tick")
+        for part in self.partitions:
+            spec = await self._resume_in_order(part.spec)
+            part.loop = bus.PullLoop(
+                self.js,
+                spec,
+                handler=partial(self._on_batch, part),
+                source="events",
+                batch=self.config.fetch_batch,
+            )
+            self.spawn(part.loop.run(self.stopping), f"joiner-consume-p{part.partition}")
+            self.spawn(self._tick_forever(part), f"joiner-tick-p{part.partition}")
 
     async def _resume_in_order(self, spec: bus.ConsumerSpec) -> bus.ConsumerSpec:
         """Restarts the consumer right after its ack floor, so un-acked events come back first and in order.
@@ -127,12 +146,13 @@ class JoinerService(NatsMixin, Service):
             return spec
         start = info.ack_floor.stream_seq + 1 if info.ack_floor else 1
         await self.js.delete_consumer(spec.stream, spec.durable)
-        logger.info("resuming events after the ack floor", extra={"start_seq": start})
+        logger.info("resuming events after the ack floor", extra={"start_seq": start, "consumer": spec.durable})
         return replace(spec, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
 
     async def _stop(self) -> None:
         await self._drain_nats()
-        self._state.close()
+        for part in self.partitions:
+            part.state.close()
 
     def _event(self, msg: Msg) -> ImpressionEvent | ActionEvent:
         kind = msg.subject.split(".")[1] if msg.subject.count(".") >= 1 else ""
@@ -153,52 +173,51 @@ class JoinerService(NatsMixin, Service):
         except ValueError as exc:
             raise bus.Reject(str(exc)) from None
 
-    async def _on_batch(self, msgs: list[Msg]) -> list[bus.Outcome]:
-        async with self._lock:
+    async def _on_batch(self, part: PartitionJoin, msgs: list[Msg]) -> list[bus.Outcome]:
+        async with part.lock:
             outcomes, produced = [], []
             for msg in msgs:
                 try:
                     ev = self._event(msg)
                 except bus.Reject as rej:
-                    await self.loop.reject(msg, rej.reason)
+                    await part.loop.reject(msg, rej.reason)
                     outcomes.append(bus.Outcome.DEFER)
                     continue
-                joined = (
-                    self.join.on_impression(ev) if isinstance(ev, ImpressionEvent) else self.join.on_action(ev)
-                )
+                join = part.join
+                joined = join.on_impression(ev) if isinstance(ev, ImpressionEvent) else join.on_action(ev)
                 produced.append((msg.headers, joined))
                 outcomes.append(bus.Outcome.ACK)
-            produced.append((None, self.join.advance(bus.now_ms())))
-            await self._publish(produced)
-            self.join.commit()
+            produced.append((None, part.join.advance(bus.now_ms())))
+            await self._publish(part, produced)
+            part.join.commit()
         return outcomes  # acknowledged by the loop only now, after the commit
 
-    async def _tick_forever(self) -> None:
+    async def _tick_forever(self, part: PartitionJoin) -> None:
         """Advances the watermark without events, so windows close when traffic stops."""
         while not self.stopping.is_set():
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.config.tick_s)
             except TimeoutError:
                 pass
-            async with self._lock:
-                fired = self.join.advance(bus.now_ms())
+            async with part.lock:
+                fired = part.join.advance(bus.now_ms())
                 if fired:
-                    await self._publish([(None, fired)])
-                    self.join.commit()
+                    await self._publish(part, [(None, fired)])
+                    part.join.commit()
 
-    async def _publish(self, produced: list[tuple[dict | None, list[JoinedSample]]]) -> None:
-        """Publishes samples concurrently and waits for every acknowledgement."""
+    async def _publish(self, part: PartitionJoin, produced: list[tuple[dict | None, list[JoinedSample]]]) -> None:
+        """Publishes samples to ``samples.<partition>`` concurrently and waits for every acknowledgement."""
         tasks = []
         for headers, samples in produced:
             parent = telemetry.extract_headers(headers)
             for joined in samples:
-                tasks.append(self._publish_one(joined, parent))
+                tasks.append(self._publish_one(part.partition, joined, parent))
         if tasks:
             await asyncio.gather(*tasks)
             self.samples_published += len(tasks)
 
-    async def _publish_one(self, joined: JoinedSample, parent) -> None:
-        subject = f"samples.{partition_of(joined.key[0], self.config.partitions)}"
+    async def _publish_one(self, partition: int, joined: JoinedSample, parent) -> None:
+        subject = f"samples.{partition}"
         # The event that produced the sample is the parent, so its trace continues through training.
         with tracer.start_as_current_span(
             "join_sample", context=parent, attributes={"label": joined.label_vector[0], "version": joined.version}
