@@ -15,6 +15,8 @@ from services.joiner.service import JoinerService
 
 async def samples_in_stream(js) -> list:
     info = await js.stream_info(bus.SAMPLES.name)
+    if not info.state.messages:
+        return []
     out = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         msg = await js.get_msg(bus.SAMPLES.name, seq)
@@ -140,3 +142,24 @@ async def test_two_instances_each_owning_a_partition_join_their_own_events(nats_
 def test_a_partition_outside_the_configured_count_is_a_configuration_error():
     with pytest.raises(ValueError, match="FRESHET_JOINER_PARTITIONS"):
         JoinerService(JoinerConfig(partitions=2, owned_partitions=("2",)), BusConfig())
+
+
+async def test_a_like_after_a_click_is_emitted_as_version_two_with_the_full_label_vector(nats_url):
+    config = JoinerConfig(window_s=5, allowed_lateness_s=0, idle_timeout_s=5)
+    async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
+        js, t = joiner.js, bus.now_ms()
+        imp = events_pb2.Impression(request_id="m1", user_id=1, item_id=3, event_time_ms=t)
+        await bus.publish(js, "events.impressions.0", imp.SerializeToString())
+        for kind, dt in ((events_pb2.ACTION_TYPE_CLICK, 1), (events_pb2.ACTION_TYPE_LIKE, 2)):
+            act = events_pb2.Action(request_id="m1", item_id=3, type=kind, value=1, event_time_ms=t + dt)
+            await bus.publish(js, "events.actions.0", act.SerializeToString())
+
+        async def two_samples():
+            batches = await samples_in_stream(js)
+            return len(batches) == 2 and batches
+
+        first, second = await assert_eventually(two_samples, timeout_s=10)
+        assert (first.sample_ids, first.versions.tolist()) == (["m1:3:v1"], [1])
+        assert first.label_vectors.tolist() == [[1, 0, 0, 0]]
+        assert (second.sample_ids, second.versions.tolist()) == (["m1:3:v2"], [2])
+        assert second.label_vectors.tolist() == [[1, 1, 0, 0]]

@@ -22,6 +22,11 @@ class Sample:
     event_time_ms: int = 0
     user_id: int = 0
     item_id: int = 0
+    label_vector: tuple[float, ...] = ()  # [click, like, share, dwell_seconds]; empty: (label, 0, 0, 0)
+    version: int = 1
+
+
+LABELS = 4
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class SampleArrays:
     event_time_ms: np.ndarray  # int64 [B]
     user_ids: np.ndarray  # int64 [B]
     item_ids: np.ndarray  # int64 [B]
+    label_vectors: np.ndarray  # float32 [B, 4]
+    versions: np.ndarray  # int32 [B]
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -51,6 +58,8 @@ class SampleArrays:
             event_time_ms=np.concatenate([p.event_time_ms for p in parts]),
             user_ids=np.concatenate([p.user_ids for p in parts]),
             item_ids=np.concatenate([p.item_ids for p in parts]),
+            label_vectors=np.concatenate([p.label_vectors for p in parts]),
+            versions=np.concatenate([p.versions for p in parts]),
         )
 
 
@@ -65,6 +74,10 @@ def encode_samples(samples: Sequence[Sample]) -> bytes:
         event_time_ms=to_tensor(np.array([s.event_time_ms for s in samples], np.int64)),
         user_ids=to_tensor(np.array([s.user_id for s in samples], np.int64)),
         item_ids=to_tensor(np.array([s.item_id for s in samples], np.int64)),
+        label_vectors=to_tensor(
+            np.array([s.label_vector or (s.label, 0.0, 0.0, 0.0) for s in samples], np.float32).reshape(-1, LABELS)
+        ),
+        versions=to_tensor(np.array([s.version for s in samples], np.int32)),
     )
     return batch.SerializeToString()
 
@@ -87,9 +100,27 @@ def decode_samples(data: bytes) -> SampleArrays:
         event_time_ms=from_tensor(msg.event_time_ms, np.int64, 1, "event_time_ms"),
         user_ids=from_tensor(msg.user_ids, np.int64, 1, "user_ids"),
         item_ids=from_tensor(msg.item_ids, np.int64, 1, "item_ids"),
+        label_vectors=(
+            from_tensor(msg.label_vectors, np.float32, 2, "label_vectors")
+            if msg.HasField("label_vectors")
+            else np.stack(
+                [from_tensor(msg.labels, np.float32, 1, "labels"), *[np.zeros(len(lengths), np.float32)] * 3], 1
+            )
+            if len(lengths)
+            else np.zeros((0, LABELS), np.float32)
+        ),
+        versions=(
+            from_tensor(msg.versions, np.int32, 1, "versions")
+            if msg.HasField("versions")
+            else np.ones(len(lengths), np.int32)
+        ),
     )
     n = len(lengths)
-    sizes = {len(out.labels), len(out.weights), len(out.sample_ids), len(out.event_time_ms)}
+    sizes = {len(out.labels), len(out.weights), len(out.sample_ids), len(out.event_time_ms), len(out.versions)}
+    if out.label_vectors.shape != (n, LABELS):
+        raise ValueError(
+            f"inconsistent SampleBatch: label_vectors shape {list(out.label_vectors.shape)}, {n} samples"
+        )
     if sizes != {n} or (lengths < 0).any() or int(lengths.sum()) != len(out.fids):
         raise ValueError(
             f"inconsistent SampleBatch: {n} lengths summing to {int(lengths.sum())}, {len(out.fids)} fids"

@@ -69,6 +69,8 @@ def to_sample(joined: JoinedSample) -> Sample:
         event_time_ms=imp.event_time_ms,
         user_id=imp.user_id,
         item_id=imp.item_id,
+        label_vector=joined.label_vector,
+        version=joined.version,
     )
 
 

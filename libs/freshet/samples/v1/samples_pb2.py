@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from freshet.common.v1 import tensor_pb2 as freshet_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n freshet/samples/v1/samples.proto\x12\x12\x66reshet.samples.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"\xd9\x02\n\x0bSampleBatch\x12\'\n\x04\x66ids\x18\x01 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12*\n\x07lengths\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06labels\x18\x03 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12*\n\x07weights\x18\x04 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x12\n\nsample_ids\x18\x05 \x03(\t\x12\x30\n\revent_time_ms\x18\x06 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08user_ids\x18\x07 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08item_ids\x18\x08 \x01(\x0b\x32\x19.freshet.common.v1.Tensorb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n freshet/samples/v1/samples.proto\x12\x12\x66reshet.samples.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"\xb8\x03\n\x0bSampleBatch\x12\'\n\x04\x66ids\x18\x01 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12*\n\x07lengths\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06labels\x18\x03 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12*\n\x07weights\x18\x04 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x12\n\nsample_ids\x18\x05 \x03(\t\x12\x30\n\revent_time_ms\x18\x06 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08user_ids\x18\x07 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08item_ids\x18\x08 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x30\n\rlabel_vectors\x18\t \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08versions\x18\n \x01(\x0b\x32\x19.freshet.common.v1.Tensorb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'freshet.samples.v1.samples_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLEBATCH']._serialized_start=89
-  _globals['_SAMPLEBATCH']._serialized_end=434
+  _globals['_SAMPLEBATCH']._serialized_end=529
 # @@protoc_insertion_point(module_scope)
