@@ -30,7 +30,8 @@ import bisect
 import heapq
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, is_dataclass
+from dataclasses import fields as dataclass_fields
 from enum import IntEnum
 from types import TracebackType
 
@@ -407,10 +408,19 @@ def _encode(key: bytes, value: object) -> bytes:
         return b""
     if key.startswith(_B):
         return json.dumps([[int(a.type), a.value, a.event_time_ms] for a in value]).encode()
-    fields = asdict(value)  # a WindowRecord or JoinMeta
+    fields = _shallow_fields(value)  # a WindowRecord or JoinMeta
     if isinstance(value, WindowRecord):
         fields["types"] = sorted(int(t) for t in value.types)
     return json.dumps(fields).encode()
+
+
+def _shallow_fields(value: object) -> dict:
+    """Like ``dataclasses.asdict`` but without its deep copies (it dominated commit time)."""
+    out = {}
+    for f in dataclass_fields(value):
+        item = getattr(value, f.name)
+        out[f.name] = _shallow_fields(item) if is_dataclass(item) else item
+    return out
 
 
 def _decode_window(raw: bytes) -> WindowRecord:
