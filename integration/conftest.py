@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from freshet import bus
+from freshet.config import BusConfig
 from freshet.natsserver import EmbeddedNats
 
 
@@ -26,3 +28,13 @@ async def pipeline(nats_url):
 
     async with Pipeline(nats_url) as running:
         yield running
+
+
+@pytest.fixture
+async def js(nats_url):
+    """A JetStream context on the test's server with every freshet stream declared."""
+    nc = await bus.connect(BusConfig(nats_url=nats_url), "test-publisher")
+    js = nc.jetstream()
+    await bus.declare_streams(js)
+    yield js
+    await nc.close()

@@ -15,7 +15,7 @@ from freshet.fm import fm_logits, sigmoid
 from freshet.model.v1 import model_pb2
 from freshet.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from freshet.tensors import to_tensor
-from freshet.testing import assert_eventually
+from freshet.testing import assert_eventually, code_of
 from services.predictor.config import PredictorConfig
 from services.predictor.service import SERVICE_NAME, PredictorService
 
@@ -35,21 +35,6 @@ async def predictor(nats_url):
 async def client(predictor):
     async with PredictorClient(predictor.address, timeout_s=_TIMEOUT) as c:
         yield c
-
-
-@pytest.fixture
-async def js(nats_url):
-    nc = await bus.connect(BusConfig(nats_url=nats_url), "test-publisher")
-    js = nc.jetstream()
-    await bus.declare_streams(js)
-    yield js
-    await nc.close()
-
-
-async def _code_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value.code(), info.value.details() or ""
 
 
 def _raw_predict(client: PredictorClient):
@@ -114,26 +99,26 @@ async def test_predict_with_no_candidates_returns_no_scores(client):
 async def test_item_ids_of_dtype_float32_are_invalid_argument_naming_item_ids(client):
     stub = predictor_pb2_grpc.PredictorStub(client.channel)
     request = predictor_pb2.PredictRequest(model="fm", user_id=1, item_ids=to_tensor(np.ones(2, np.float32)))
-    code, details = await _code_of(stub.Predict(request, timeout=_TIMEOUT))
+    code, details = await code_of(stub.Predict(request, timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "item_ids" in details
 
 
 async def test_user_id_sent_with_the_wrong_wire_type_is_invalid_argument(client):
     # Field 2 (user_id, a varint) sent length-delimited: protobuf alone would read user_id as 0.
-    code, details = await _code_of(_raw_predict(client)(b"\x12\x03abc", timeout=_TIMEOUT))
+    code, details = await code_of(_raw_predict(client)(b"\x12\x03abc", timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "user_id" in details
 
 
 async def test_undecodable_request_bytes_are_invalid_argument(client):
-    code, details = await _code_of(_raw_predict(client)(b"\xff\xff\xff\xff", timeout=_TIMEOUT))
+    code, details = await code_of(_raw_predict(client)(b"\xff\xff\xff\xff", timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "cannot decode" in details
 
 
 async def test_more_candidates_than_the_limit_is_resource_exhausted(client):
-    code, details = await _code_of(client.predict("fm", _USER, np.arange(11)))
+    code, details = await code_of(client.predict("fm", _USER, np.arange(11)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "11 candidates" in details
     scores, _ = await client.predict("fm", _USER, np.arange(10))
@@ -141,14 +126,14 @@ async def test_more_candidates_than_the_limit_is_resource_exhausted(client):
 
 
 async def test_negative_ids_are_invalid_argument(client):
-    code, _ = await _code_of(client.predict("fm", -1, _ITEMS))
+    code, _ = await code_of(client.predict("fm", -1, _ITEMS))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    code, _ = await _code_of(client.predict("fm", _USER, np.array([3, -4])))
+    code, _ = await code_of(client.predict("fm", _USER, np.array([3, -4])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_a_model_not_served_here_is_not_found(client):
-    code, details = await _code_of(client.predict("other", _USER, _ITEMS))
+    code, details = await code_of(client.predict("other", _USER, _ITEMS))
     assert code == grpc.StatusCode.NOT_FOUND
     assert "other" in details
 

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from freshet.clients import StoreClient
 from freshet.store.v1 import store_pb2, store_pb2_grpc
 from freshet.tensors import to_tensor
+from freshet.testing import code_of
 from services.store.config import StoreConfig
 from services.store.service import SERVICE_NAME, StoreService
 from services.store.table import initial_values
@@ -33,12 +34,6 @@ async def client(store):
 @pytest.fixture
 async def stub(client):
     return store_pb2_grpc.EmbeddingStoreStub(client.channel)
-
-
-async def _code_of(call) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value.code(), info.value.details() or ""
 
 
 def _initial(store: StoreService, fids: np.ndarray) -> np.ndarray:
@@ -79,7 +74,7 @@ async def test_push_with_nan_gradient_is_rejected_and_leaves_the_table_unchanged
     grads = np.ones((3, _DIM), np.float32)
     grads[1, 4] = np.nan
 
-    code, details = await _code_of(client.push("fm", fids, grads))
+    code, details = await code_of(client.push("fm", fids, grads))
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "non-finite" in details
@@ -89,14 +84,14 @@ async def test_push_with_nan_gradient_is_rejected_and_leaves_the_table_unchanged
 
 async def test_push_with_wrongly_shaped_grads_is_invalid_argument(client):
     fids = np.array([1, 2], np.int64)
-    code, details = await _code_of(client.push("fm", fids, np.ones((2, _DIM + 1), np.float32)))
+    code, details = await code_of(client.push("fm", fids, np.ones((2, _DIM + 1), np.float32)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "grads shape [2, 10] does not match [2, 9]" in details
 
 
 async def test_fids_tensor_with_float32_dtype_is_invalid_argument(stub):
     request = store_pb2.PullRequest(table="fm", fids=to_tensor(np.array([1.0, 2.0], np.float32)))
-    code, details = await _code_of(stub.Pull(request, timeout=_TIMEOUT))
+    code, details = await code_of(stub.Pull(request, timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "fids" in details and "DTYPE_FLOAT32" in details
 
@@ -104,18 +99,18 @@ async def test_fids_tensor_with_float32_dtype_is_invalid_argument(stub):
 async def test_fids_tensor_whose_bytes_do_not_match_its_shape_is_invalid_argument(stub):
     tensor = to_tensor(np.array([1, 2], np.int64))
     tensor.shape[:] = [3]
-    code, _ = await _code_of(stub.Pull(store_pb2.PullRequest(table="fm", fids=tensor), timeout=_TIMEOUT))
+    code, _ = await code_of(stub.Pull(store_pb2.PullRequest(table="fm", fids=tensor), timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_unknown_table_is_not_found(client):
-    code, details = await _code_of(client.pull("nope", np.array([1], np.int64)))
+    code, details = await code_of(client.pull("nope", np.array([1], np.int64)))
     assert code == grpc.StatusCode.NOT_FOUND
     assert "nope" in details
 
 
 async def test_more_fids_than_the_limit_is_resource_exhausted(client):
-    code, details = await _code_of(client.pull("fm", np.arange(1001, dtype=np.int64)))
+    code, details = await code_of(client.pull("fm", np.arange(1001, dtype=np.int64)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "1001" in details
     assert (await client.pull("fm", np.arange(1000, dtype=np.int64))).shape == (1000, _DIM)
@@ -123,7 +118,7 @@ async def test_more_fids_than_the_limit_is_resource_exhausted(client):
 
 async def test_negative_export_arguments_are_invalid_argument(stub):
     request = store_pb2.ExportRequest(table="fm", since_version=-1)
-    code, _ = await _code_of(stub.Export(request, timeout=_TIMEOUT))
+    code, _ = await code_of(stub.Export(request, timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -133,14 +128,14 @@ def _raw_pull(client: StoreClient):
 
 @pytest.mark.parametrize("raw", [b"\xff\xff\xff\xff", b"garbage", b"\x12\x10short"])
 async def test_undecodable_request_bytes_are_invalid_argument(client, raw):
-    code, details = await _code_of(_raw_pull(client)(raw, timeout=_TIMEOUT))
+    code, details = await code_of(_raw_pull(client)(raw, timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "cannot decode freshet.store.v1.PullRequest" in details
 
 
 async def test_a_known_field_with_the_wrong_wire_type_is_invalid_argument(client):
     # Field 2 (fids, a message) sent as the varint 3: protobuf alone would keep it as an unknown field.
-    code, details = await _code_of(_raw_pull(client)(b"\x10\x03", timeout=_TIMEOUT))
+    code, details = await code_of(_raw_pull(client)(b"\x10\x03", timeout=_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "PullRequest.fids has the wrong type" in details
 
@@ -161,7 +156,7 @@ async def test_service_keeps_serving_after_a_run_of_bad_requests(store, client, 
         stub.Pull(store_pb2.PullRequest(table="fm", fids=to_tensor(np.ones(2, np.float32))), timeout=_TIMEOUT),
     ]
     for call in bad_calls:
-        code, _ = await _code_of(call)
+        code, _ = await code_of(call)
         assert code != grpc.StatusCode.INTERNAL and code != grpc.StatusCode.UNKNOWN
 
     fids = np.array([4, 5], np.int64)

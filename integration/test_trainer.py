@@ -28,15 +28,6 @@ async def store():
 
 
 @pytest.fixture
-async def js(nats_url):
-    nc = await bus.connect(BusConfig(nats_url=nats_url), "test-publisher")
-    js = nc.jetstream()
-    await bus.declare_streams(js)
-    yield js
-    await nc.close()
-
-
-@pytest.fixture
 async def trainer(nats_url, store, js):
     config = TrainerConfig(store_address=store.address, dense_interval_s=0.05)
     async with TrainerService(config, BusConfig(nats_url=nats_url)) as service:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import grpc
 
 
 async def assert_eventually(
@@ -32,3 +34,16 @@ async def assert_eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout_s}s: {message} (last: {last!r})")
         await asyncio.sleep(interval_s)
+
+
+async def code_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    """Awaits a gRPC call that must fail; returns its status code and details.
+
+    Raises:
+        AssertionError: the call succeeded.
+    """
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    raise AssertionError("the gRPC call succeeded; an error status was expected")
