@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-from services.store.host import _fid_at, _mix
+from services.store.host import _mix, _probe
 from services.store.prefetch import prefetch1, prefetch2
 
 _EMPTY_KEY = np.int64(np.iinfo(np.int64).min)
@@ -30,29 +30,24 @@ def _cache_insert(keys, slots, fids, first_slot):
         slots[h] = first_slot + i
 
 
-@numba.njit(cache=True, nogil=True)
-def _cache_find(keys, slots, fids, out):
-    mask = np.uint64(keys.shape[0] - 1)
-    for i in range(fids.shape[0]):
-        h = _mix(fids[i]) & mask
-        out[i] = -1
-        while keys[h] != _EMPTY_KEY:
-            if keys[h] == fids[i]:
-                out[i] = slots[h]
-                break
-            h = (h + np.uint64(1)) & mask
-
-
-_AHEAD = 8
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _cache_probe(ckeys, cslots, c, cmask, k):
+    """Cache slot of fid ``k`` probing from index position ``c``, -1 when not cached."""
     while ckeys[c] != _EMPTY_KEY:
         if ckeys[c] == k:
             return cslots[c]
         c = (c + np.uint64(1)) & cmask
     return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _cache_find(keys, slots, fids, out):
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(fids.shape[0]):
+        out[i] = _cache_probe(keys, slots, _mix(fids[i]) & mask, mask, fids[i])
+
+
+_AHEAD = 8
 
 
 @numba.njit(cache=True, nogil=True)
@@ -94,20 +89,14 @@ def _two_tier_gather(ckeys, cslots, cvalues, chits, index, rows, floats, freqs, 
             host_rows[i] = -2
             n_cache += 1
             continue
-        p = hs[i] & hmask
-        while True:
-            r = index[p]
-            if r == -1:
-                host_rows[i] = -1
-                n_miss += 1
-                break
-            if r != -2 and _fid_at(rows, r) == k:
-                host_rows[i] = r
-                freqs[r] += 1
-                for j in range(d):
-                    out[i, j] = floats[r, col0 + j]
-                break
-            p = (p + np.uint64(1)) & hmask
+        r = _probe(index, rows, hs[i] & hmask, hmask, k)[1]
+        host_rows[i] = r
+        if r < 0:
+            n_miss += 1
+            continue
+        freqs[r] += 1
+        for j in range(d):
+            out[i, j] = floats[r, col0 + j]
     return n_cache, n_miss
 
 

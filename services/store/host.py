@@ -45,21 +45,16 @@ def _fid_at(rows: np.ndarray, r: np.int64) -> np.int64:
     return (np.int64(rows[r, 1]) << np.int64(32)) | (np.int64(rows[r, 0]) & np.int64(0xFFFFFFFF))
 
 
-@numba.njit(cache=True, nogil=True)
-def _find(index, rows, fids, out):
-    mask = np.uint64(index.shape[0] - 1)
-    for i in range(fids.shape[0]):
-        k = fids[i]
-        h = _mix(k) & mask
-        while True:
-            r = index[h]
-            if r == EMPTY:
-                out[i] = -1
-                break
-            if r != TOMB and _fid_at(rows, r) == k:
-                out[i] = r
-                break
-            h = (h + np.uint64(1)) & mask
+@numba.njit(cache=True, inline="always")
+def _probe(index, rows, h, mask, k):
+    """Linear probe for fid ``k`` from slot ``h``: (slot, row), row -1 when absent. Skips tombstones."""
+    while True:
+        r = index[h]
+        if r == EMPTY:
+            return h, np.int64(-1)
+        if r != TOMB and _fid_at(rows, r) == k:
+            return h, np.int64(r)
+        h = (h + np.uint64(1)) & mask
 
 
 _AHEAD = 8  # keys between prefetching a row and reading it (index slots: twice that)
@@ -88,19 +83,11 @@ def _find_gather(index, rows, floats, fids, col0, out_rows, out):
             if ahead >= 0:
                 prefetch2(rows, ahead, 0)
                 prefetch2(floats, ahead, col0 + d - 1)
-        k = fids[i]
-        h = hs[i]
-        while True:
-            r = index[h]
-            if r == EMPTY:
-                out_rows[i] = -1
-                break
-            if r != TOMB and _fid_at(rows, r) == k:
-                out_rows[i] = r
-                for j in range(d):
-                    out[i, j] = floats[r, col0 + j]
-                break
-            h = (h + np.uint64(1)) & mask
+        r = _probe(index, rows, hs[i], mask, fids[i])[1]
+        out_rows[i] = r
+        if r >= 0:
+            for j in range(d):
+                out[i, j] = floats[r, col0 + j]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -144,18 +131,10 @@ def _erase(index, rows, fids, out):
     """Tombstones fids' slots; ``out`` gets each freed row or -1 for fids not present."""
     mask = np.uint64(index.shape[0] - 1)
     for i in range(fids.shape[0]):
-        k = fids[i]
-        h = _mix(k) & mask
-        out[i] = -1
-        while True:
-            r = index[h]
-            if r == EMPTY:
-                break
-            if r != TOMB and _fid_at(rows, r) == k:
-                index[h] = TOMB
-                out[i] = r
-                break
-            h = (h + np.uint64(1)) & mask
+        slot, r = _probe(index, rows, _mix(fids[i]) & mask, mask, fids[i])
+        if r >= 0:
+            index[slot] = TOMB
+        out[i] = r
 
 
 @numba.njit(cache=True, nogil=True)
@@ -228,9 +207,7 @@ class HostTier:
 
     def find(self, fids: np.ndarray) -> np.ndarray:
         """Row of each fid, -1 when absent: int64 [n] for int64 [n]."""
-        out = np.empty(len(fids), np.int64)
-        _find(self._index, self._rows, fids, out)
-        return out
+        return self.find_gather(fids, np.empty((len(fids), 0), np.float32))
 
     def find_gather(self, fids: np.ndarray, out: np.ndarray, col: int = 0) -> np.ndarray:
         """Copies ``out.shape[1]`` float columns from ``col`` of present fids into ``out``; returns rows (-1 absent)."""
