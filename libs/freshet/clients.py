@@ -103,12 +103,22 @@ class ShardedStoreClient:
         self.shards = [StoreClient(a, timeout_s) for a in addresses]
 
     def _split(self, unique: np.ndarray) -> list[np.ndarray]:
+        if len(self.shards) == 1:
+            return [np.arange(len(unique))]
         owner = shard_of(unique, len(self.shards))
         return [np.flatnonzero(owner == i) for i in range(len(self.shards))]
 
+    @staticmethod
+    def _dedupe(fids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(distinct fids, inverse) — inverse ``None`` when fids are already strictly increasing,
+        as the trainer's are (it deduplicates before pulling): one linear check, no second sort."""
+        if len(fids) < 2 or bool(np.all(fids[1:] > fids[:-1])):
+            return fids, None
+        return np.unique(fids, return_inverse=True)
+
     async def pull(self, table: str, fids: np.ndarray) -> np.ndarray:
         """Rows of fids int64 [n] (duplicates allowed): float32 [n, dim]."""
-        unique, inverse = np.unique(fids, return_inverse=True)
+        unique, inverse = self._dedupe(fids)
         parts = self._split(unique)
         answers = await asyncio.gather(
             *(shard.pull(table, unique[idx]) for shard, idx in zip(self.shards, parts, strict=True) if len(idx))
@@ -119,13 +129,16 @@ class ShardedStoreClient:
         for idx in parts:
             if len(idx):
                 values[idx] = next(it)
-        return values[inverse]
+        return values if inverse is None else values[inverse]
 
     async def push(self, table: str, fids: np.ndarray, grads: np.ndarray) -> list[int]:
         """Applies gradients float32 [n, dim]; returns each shard's table version after the update."""
-        unique, inverse = np.unique(fids, return_inverse=True)
-        summed = np.zeros((len(unique), grads.shape[1]), np.float32)
-        np.add.at(summed, inverse, grads)
+        unique, inverse = self._dedupe(fids)
+        if inverse is None:
+            summed = grads
+        else:
+            summed = np.zeros((len(unique), grads.shape[1]), np.float32)
+            np.add.at(summed, inverse, grads)
         parts = self._split(unique)
         return list(
             await asyncio.gather(

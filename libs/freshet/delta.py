@@ -21,11 +21,16 @@ def decision_subject(model: str) -> str:
 
 
 def checksum(delta: model_pb2.ModelDelta) -> int:
-    """crc32 of the whole message with ``checksum`` cleared: rows, dense, shapes and header fields."""
-    unsigned = model_pb2.ModelDelta()
-    unsigned.CopyFrom(delta)
-    unsigned.checksum = 0
-    return zlib.crc32(unsigned.SerializeToString(deterministic=True))
+    """crc32 of the whole message with ``checksum`` cleared: rows, dense, shapes and header fields.
+
+    The field is cleared in place and restored, rather than on a copy of a delta of up to 1 MB.
+    """
+    saved = delta.checksum
+    delta.checksum = 0
+    try:
+        return zlib.crc32(delta.SerializeToString(deterministic=True))
+    finally:
+        delta.checksum = saved
 
 
 @dataclass(frozen=True)
