@@ -37,7 +37,7 @@ async def stub(client):
 
 
 def _initial(store: StoreService, fids: np.ndarray) -> np.ndarray:
-    cfg = store.tables["fm"].config
+    cfg = store.tables["fm"].spec
     return initial_values(fids, cfg.dim, cfg.init_scale, cfg.seed)
 
 

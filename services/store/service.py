@@ -84,8 +84,8 @@ class StoreHandlers:
         table = self._table(request.table)
         fids = self._fids(request)
         grads = tensor_arg(request.grads, np.float32, 2, "grads")
-        if grads.shape != (len(fids), table.config.dim):
-            raise BadRequest(f"grads shape {list(grads.shape)} does not match [{len(fids)}, {table.config.dim}]")
+        if grads.shape != (len(fids), table.spec.dim):
+            raise BadRequest(f"grads shape {list(grads.shape)} does not match [{len(fids)}, {table.spec.dim}]")
         if not np.isfinite(grads).all():
             bad = int((~np.isfinite(grads)).any(axis=1).sum())
             raise BadRequest(f"grads contain non-finite values in {bad} rows; nothing was applied")

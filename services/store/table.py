@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from services.store.tables import TableSpec
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ def initial_values(fids: np.ndarray, dim: int, scale: float, seed: int = 0) -> n
 class EmbeddingTable(abc.ABC):
     """What the store service needs from a table."""
 
-    config: object
+    spec: TableSpec
 
     @property
     @abc.abstractmethod

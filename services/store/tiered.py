@@ -69,7 +69,6 @@ class TieredTable(EmbeddingTable):
     def __init__(
         self, spec: TableSpec, data_dir: str | None = None, clock=time.time, device: str | None = None
     ) -> None:
-        self.config = spec
         self.spec = spec
         self.clock = clock
         self.optimizer = make_optimizer(spec.optimizer)
