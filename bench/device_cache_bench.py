@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_bench import arrival_order, power_law_queries, timed_rate  # noqa: E402
+from store_bench import power_law_queries, timed_rate, warmed_table  # noqa: E402
 
 from services.store.optimizers import RowwiseAdagradConfig  # noqa: E402
 from services.store.tables import TableSpec  # noqa: E402
-from services.store.tiered import TieredTable  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,12 +29,7 @@ def measure(device: str, ids: np.ndarray, ranked: np.ndarray, dim: int, cache_ro
     spec = TableSpec(
         "c", dim, optimizer=RowwiseAdagradConfig(), device_cache_rows=cache_rows, initial_rows=len(ids)
     )
-    table = TieredTable(spec, device=device)
-    for chunk in np.array_split(arrival_order(ranked, rng), max(1, len(ids) // 65536)):
-        table.push(chunk, np.zeros((len(chunk), dim), np.float32))
-    for _ in range(100):
-        table.pull(power_law_queries(ranked, 2000, 1.2, rng))
-    table.refresh_cache()
+    table = warmed_table(spec, ranked, rng, device)
     row = {"device": str(table.cache.device)}
     for batch in (2000, 65536):
         queries = power_law_queries(ranked, batch * 100, 1.2, rng)

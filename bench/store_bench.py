@@ -58,6 +58,18 @@ def arrival_order(ranked_ids: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.concatenate([seen, unseen[rng.permutation(len(unseen))]])
 
 
+def warmed_table(spec: TableSpec, ranked: np.ndarray, rng: np.random.Generator, device: str | None = None):
+    """A table holding every id (rows created in arrival order) after 100 batches of warm-up
+    traffic, which teach it which rows are hot; the device cache is then refreshed from them."""
+    table = TieredTable(spec, device=device)
+    for chunk in np.array_split(arrival_order(ranked, rng), max(1, len(ranked) // 65536)):
+        table.push(chunk, np.zeros((len(chunk), spec.dim), np.float32))
+    for _ in range(100):
+        table.pull(power_law_queries(ranked, 2000, 1.2, rng))
+    table.refresh_cache()
+    return table
+
+
 def timed_rate(fn, batches: list[np.ndarray], min_seconds: float = 1.0) -> float:
     """Keys per second of ``fn`` over the batches, repeated until at least ``min_seconds``."""
     fn(batches[0])  # warm up (numba compilation, caches)
@@ -79,15 +91,9 @@ def bench_in_process(n_ids: int, dim: int, cache_rows: int, rng: np.random.Gener
         device_cache_rows=cache_rows,
         initial_rows=n_ids,
     )
-    table = TieredTable(spec)
     ids = np.unique(rng.integers(0, 2**62, n_ids, dtype=np.int64))
     ranked = ids[rng.permutation(len(ids))]  # which ids are hot is fixed for the whole run
-    for chunk in np.array_split(arrival_order(ranked, rng), max(1, len(ids) // 65536)):
-        table.push(chunk, np.zeros((len(chunk), dim), np.float32))
-    # Warm-up traffic teaches the table which rows are hot; the cache is refreshed from it.
-    for _ in range(100):
-        table.pull(power_law_queries(ranked, 2000, 1.2, rng))
-    table.refresh_cache()
+    table = warmed_table(spec, ranked, rng)
     out = {"ids": len(ids), "dim": dim, "device_cache_rows": cache_rows, "device": str(table.cache.device)}
     for batch in (2000, 65536):
         queries = power_law_queries(ranked, batch * 200, 1.2, rng)

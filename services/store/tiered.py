@@ -147,7 +147,7 @@ class TieredTable(EmbeddingTable):
             if found.any():
                 out[positions[found]] = rows.data[found, :dim]
                 self.stats["cold_hits"] += int(found.sum())
-                self._queue_promotion(rows.take(found))
+                self._promote_if_room(rows.take(found))
             left = ~found
         if left.any():
             out[positions[left]] = initial_values(fids[left], dim, self.spec.init_scale, self.spec.seed)
@@ -160,8 +160,9 @@ class TieredTable(EmbeddingTable):
             found &= np.fromiter((f not in self._evicted for f in fids.tolist()), bool, len(fids))
         return found, rows
 
-    def _queue_promotion(self, rows: RowBatch) -> None:
-        # Pulled cold rows are hot again: bring them to the host now, capacity permitting.
+    def _promote_if_room(self, rows: RowBatch) -> None:
+        # Pulled cold rows are hot again: load them into the host now if it has room (a later
+        # push promotes them in any case).
         if self.spec.host_capacity is None or len(self.host) + len(rows) <= self.spec.host_capacity:
             self._load_rows(rows)
             self.stats["promoted"] += len(rows)
