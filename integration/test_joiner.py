@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from freshet import bus
-from freshet.batches import decode_samples
+from freshet.batches import SampleArrays
 from freshet.config import BusConfig
 from freshet.events.v1 import events_pb2
-from freshet.testing import assert_eventually
+from freshet.testing import SampleReader, assert_eventually
 from services.joiner.config import JoinerConfig
 from services.joiner.service import JoinerService
 
 
-async def samples_in_stream(js) -> list:
-    info = await js.stream_info(bus.SAMPLES.name)
-    if not info.state.messages:
-        return []
-    out = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg(bus.SAMPLES.name, seq)
-        out.append(decode_samples(msg.data))
-    return out
+async def samples_in_stream(js) -> SampleReader:
+    """Every sample in the SAMPLES stream (messages may hold several)."""
+    reader = SampleReader(js)
+    await reader.read()
+    return reader
 
 
 async def test_malformed_events_are_dead_lettered_and_the_join_goes_on(nats_url):
@@ -53,12 +50,11 @@ async def test_malformed_events_are_dead_lettered_and_the_join_goes_on(nats_url)
         assert second.headers["Freshet-Reason"] == "impression without request_id"
 
         async def both_samples():
-            batches = await samples_in_stream(js)
-            return len(batches) == 2 and batches
+            samples = await samples_in_stream(js)
+            return len(samples.ids) == 2 and samples
 
-        batches = await assert_eventually(both_samples, timeout_s=10)
-        labels = {b.sample_ids[0]: float(b.labels[0]) for b in batches}
-        assert labels == {"r1:2:v1": 1.0, "r2:3:v1": 0.0}
+        samples = await assert_eventually(both_samples, timeout_s=10)
+        assert samples.labels == {"r1:2:v1": 1.0, "r2:3:v1": 0.0}
         assert joiner.counts["positives"] == 1 and joiner.counts["negatives"] == 1
 
 
@@ -80,8 +76,8 @@ async def test_restarted_joiner_does_not_emit_a_sample_twice(nats_url):
         extra = events_pb2.Impression(request_id="r9", user_id=1, item_id=9)
         await bus.publish(joiner.js, "events.impressions.0", extra.SerializeToString(), msg_id="i9")
         await assert_eventually(lambda: joiner.counts["negatives"] == 1, timeout_s=10)
-        batches = await samples_in_stream(joiner.js)
-        assert sorted(b.sample_ids[0] for b in batches) == [f"r{i}:{i}:v1" for i in (0, 1, 2, 3, 4, 9)]
+        samples = await samples_in_stream(joiner.js)
+        assert sorted(samples.ids) == [f"r{i}:{i}:v1" for i in (0, 1, 2, 3, 4, 9)]
 
 
 async def test_sample_continues_the_trace_of_the_click_that_labelled_it(nats_url):
@@ -128,7 +124,7 @@ async def test_two_instances_each_owning_a_partition_join_their_own_events(nats_
             await bus.publish(js, f"events.actions.{p}", act.SerializeToString())
 
         async def all_joined():
-            return (await js.stream_info(bus.SAMPLES.name, subjects_filter="samples.>")).state.messages == 40
+            return len((await samples_in_stream(js)).ids) == 40
 
         await assert_eventually(all_joined, timeout_s=10)
         owned = {0: first, 1: second}
@@ -155,11 +151,72 @@ async def test_a_like_after_a_click_is_emitted_as_version_two_with_the_full_labe
             await bus.publish(js, "events.actions.0", act.SerializeToString())
 
         async def two_samples():
-            batches = await samples_in_stream(js)
-            return len(batches) == 2 and batches
+            samples = await samples_in_stream(js)
+            return len(samples.ids) == 2 and SampleArrays.concat(samples.batches)
 
-        first, second = await assert_eventually(two_samples, timeout_s=10)
-        assert (first.sample_ids, first.versions.tolist()) == (["m1:3:v1"], [1])
-        assert first.label_vectors.tolist() == [[1, 0, 0, 0]]
-        assert (second.sample_ids, second.versions.tolist()) == (["m1:3:v2"], [2])
-        assert second.label_vectors.tolist() == [[1, 1, 0, 0]]
+        both = await assert_eventually(two_samples, timeout_s=10)
+        assert (both.sample_ids, both.versions.tolist()) == (["m1:3:v1", "m1:3:v2"], [1, 2])
+        assert both.label_vectors.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0]]
+
+
+async def test_batched_events_are_joined_and_bad_entries_dead_lettered_by_index(nats_url):
+    config = JoinerConfig(window_s=5, allowed_lateness_s=0, idle_timeout_s=5)
+    async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
+        js, t = joiner.js, bus.now_ms()
+        batch = events_pb2.EventBatch()
+        batch.events.add().impression.CopyFrom(
+            events_pb2.Impression(request_id="b1", user_id=4, item_id=5, event_time_ms=t)
+        )
+        batch.events.add().action.CopyFrom(events_pb2.Action(request_id="b1", item_id=5, event_time_ms=t + 1))
+        batch.events.add()  # neither kind
+        batch.events.add().action.CopyFrom(
+            events_pb2.Action(request_id="b1", item_id=5, type=events_pb2.ACTION_TYPE_CLICK, event_time_ms=t + 2)
+        )
+        await bus.publish(js, "events.batch.0", batch.SerializeToString())
+        await bus.publish(js, "events.batch.0", b"\x0a\xff")
+
+        async def dead_letters():
+            info = await js.stream_info(bus.DEADLETTER.name)
+            return info.state.messages == 3 and info
+
+        await assert_eventually(dead_letters, timeout_s=10)
+        by_part = {}
+        for seq in (1, 2, 3):
+            msg = await js.get_msg(bus.DEADLETTER.name, seq)
+            by_part[msg.headers.get("Freshet-Part")] = (msg.headers["Freshet-Reason"], msg.data)
+        assert by_part["1"][0] == "action type unspecified"
+        assert events_pb2.Event.FromString(by_part["1"][1]).action.request_id == "b1"
+        assert by_part["2"][0] == "batch entry is neither an impression nor an action"
+        assert "cannot decode EventBatch" in by_part[None][0]
+        samples = await assert_eventually(lambda: _one_sample(js), timeout_s=10)
+        assert samples.labels == {"b1:5:v1": 1.0}
+        assert joiner.counts["invalid_events"] == 3
+
+
+async def _one_sample(js):
+    samples = await samples_in_stream(js)
+    return len(samples.ids) == 1 and samples
+
+
+async def test_outputs_committed_before_a_crash_are_published_on_start_unless_already_delivered(
+    nats_url, tmp_path
+):
+    from freshet.batches import Sample, encode_samples
+    from services.joiner.eventjoin import EventJoin
+    from services.joiner.joinstate import RocksJoinState
+
+    config = JoinerConfig(state_dir=str(tmp_path / "state"))
+    (tmp_path / "state").mkdir()
+    state = RocksJoinState(str(tmp_path / "state" / "p0"))
+    join = EventJoin(config.join_config(), state)
+    outputs = [encode_samples([Sample(f"x{i}:1:v1", np.arange(3, dtype=np.int64), 1.0)]) for i in range(2)]
+    seqs = [join.stage_output(data) for data in outputs]
+    join.commit()  # ... and the process dies before publishing the second output
+    state.close()
+    async with JoinerService(JoinerConfig(), BusConfig(nats_url=nats_url)) as other:  # declares streams
+        await bus.publish(other.js, "samples.0", outputs[0], msg_id=f"sb:0:{join.epoch}:{seqs[0]}")
+    async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
+        assert joiner.outputs_republished == 1
+        samples = await samples_in_stream(joiner.js)
+        assert samples.ids == ["x0:1:v1", "x1:1:v1"]
+        assert joiner.partitions[0].join.pending_outputs() == []

@@ -11,9 +11,8 @@ import sys
 import nats
 
 from freshet import bus
-from freshet.batches import decode_samples
 from freshet.events.v1 import events_pb2
-from freshet.testing import assert_eventually
+from freshet.testing import SampleReader, assert_eventually
 
 IMPRESSIONS = 12_000
 CLICK_EVERY = 3  # two thirds of the impressions get a click: 12,000 + 8,000 = 20,000 events
@@ -40,10 +39,6 @@ async def publish_events(js, base_ms: int) -> dict[str, float]:
     return expected
 
 
-async def sample_count(js) -> int:
-    return (await js.stream_info(bus.SAMPLES.name)).state.messages
-
-
 async def test_joiner_killed_with_sigkill_three_times_emits_every_sample_exactly_once(nats_url, tmp_path):
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
@@ -63,33 +58,27 @@ async def test_joiner_killed_with_sigkill_three_times_emits_every_sample_exactly
         log = open(tmp_path / "joiner.log", "ab")  # noqa: SIM115 - the child writes it
         return subprocess.Popen([sys.executable, "-m", "services.joiner"], env=env, stdout=log, stderr=log)
 
+    reader = SampleReader(js)
+
+    async def at_least(n: int) -> bool:
+        return await reader.read() >= n
+
     try:
         for threshold in (1_500, 5_000, 9_000):
             proc = start()
             await assert_eventually(
-                lambda t=threshold: _at_least(js, t), timeout_s=60, interval_s=0.01, message=f"{threshold} samples"
+                lambda t=threshold: at_least(t), timeout_s=60, interval_s=0.01, message=f"{threshold} samples"
             )
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
         proc = start()
-        await assert_eventually(lambda: _at_least(js, len(expected)), timeout_s=90, message="all samples")
+        await assert_eventually(lambda: at_least(len(expected)), timeout_s=90, message="all samples")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-        info = await js.stream_info(bus.SAMPLES.name)
-        labels: dict[str, float] = {}
-        duplicates = 0
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            batch = decode_samples((await js.get_msg(bus.SAMPLES.name, seq)).data)
-            for sample_id, label in zip(batch.sample_ids, batch.labels.tolist(), strict=True):
-                duplicates += sample_id in labels
-                labels[sample_id] = label
-        assert duplicates == 0
-        assert labels == expected
+        await reader.read()
+        assert len(reader.ids) == len(set(reader.ids))  # no sample twice
+        assert reader.labels == expected
     finally:
         if proc.poll() is None:
             proc.kill()
         await nc.close()
-
-
-async def _at_least(js, n: int) -> bool:
-    return await sample_count(js) >= n

@@ -14,6 +14,7 @@ from freshet.fids import (
     SLOT_POSITION,
     SLOT_USER,
     VALUE_MASK,
+    batch_example_fids,
     context_slot,
     example_fids,
     hash_value,
@@ -150,3 +151,25 @@ def test_train_time_and_serve_time_fids_are_identical():
     )
 
     np.testing.assert_array_equal(train, serve)
+
+
+def test_batch_example_fids_equal_example_fids_row_by_row():
+    rng = np.random.default_rng(3)
+    n = 50
+    users, items, positions = rng.integers(0, 1 << 40, n), rng.integers(0, 1 << 40, n), rng.integers(0, 20, n)
+    contexts = [
+        tuple(sorted((f"k{j}", f"v{rng.integers(5)}") for j in rng.choice(4, rng.integers(0, 4), replace=False)))
+        for _ in range(n)
+    ]
+    fids, lengths = batch_example_fids(users, items, positions, contexts)
+    assert lengths.tolist() == [3 + len(c) for c in contexts]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for i in range(n):
+        want = example_fids(int(users[i]), [items[i]], int(positions[i]), dict(contexts[i]))[0]
+        np.testing.assert_array_equal(fids[offsets[i] : offsets[i + 1]], want)
+
+
+def test_batch_example_fids_without_context_is_three_per_example():
+    fids, lengths = batch_example_fids(np.array([1, 2]), np.array([3, 4]), np.array([0, 1]), [(), ()])
+    assert lengths.tolist() == [3, 3]
+    np.testing.assert_array_equal(fids[3:], example_fids(2, [4], 1)[0])

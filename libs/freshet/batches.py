@@ -65,21 +65,37 @@ class SampleArrays:
 
 def encode_samples(samples: Sequence[Sample]) -> bytes:
     """Serialises samples as one ``SampleBatch``."""
-    batch = samples_pb2.SampleBatch(
-        fids=to_tensor(np.concatenate([s.fids for s in samples]).astype(np.int64)),
-        lengths=to_tensor(np.array([len(s.fids) for s in samples], np.int32)),
-        labels=to_tensor(np.array([s.label for s in samples], np.float32)),
-        weights=to_tensor(np.array([s.weight for s in samples], np.float32)),
-        sample_ids=[s.sample_id for s in samples],
-        event_time_ms=to_tensor(np.array([s.event_time_ms for s in samples], np.int64)),
-        user_ids=to_tensor(np.array([s.user_id for s in samples], np.int64)),
-        item_ids=to_tensor(np.array([s.item_id for s in samples], np.int64)),
-        label_vectors=to_tensor(
-            np.array([s.label_vector or (s.label, 0.0, 0.0, 0.0) for s in samples], np.float32).reshape(-1, LABELS)
-        ),
-        versions=to_tensor(np.array([s.version for s in samples], np.int32)),
+    label_vectors = np.array([s.label_vector or (s.label, 0.0, 0.0, 0.0) for s in samples], np.float32)
+    return encode_sample_arrays(
+        SampleArrays(
+            fids=np.concatenate([s.fids for s in samples]).astype(np.int64),
+            lengths=np.array([len(s.fids) for s in samples], np.int32),
+            labels=np.array([s.label for s in samples], np.float32),
+            weights=np.array([s.weight for s in samples], np.float32),
+            sample_ids=[s.sample_id for s in samples],
+            event_time_ms=np.array([s.event_time_ms for s in samples], np.int64),
+            user_ids=np.array([s.user_id for s in samples], np.int64),
+            item_ids=np.array([s.item_id for s in samples], np.int64),
+            label_vectors=label_vectors.reshape(-1, LABELS),
+            versions=np.array([s.version for s in samples], np.int32),
+        )
     )
-    return batch.SerializeToString()
+
+
+def encode_sample_arrays(batch: SampleArrays) -> bytes:
+    """Serialises a batch of samples held as arrays as one ``SampleBatch``."""
+    return samples_pb2.SampleBatch(
+        fids=to_tensor(batch.fids.astype(np.int64, copy=False)),
+        lengths=to_tensor(batch.lengths.astype(np.int32, copy=False)),
+        labels=to_tensor(batch.labels.astype(np.float32, copy=False)),
+        weights=to_tensor(batch.weights.astype(np.float32, copy=False)),
+        sample_ids=batch.sample_ids,
+        event_time_ms=to_tensor(batch.event_time_ms.astype(np.int64, copy=False)),
+        user_ids=to_tensor(batch.user_ids.astype(np.int64, copy=False)),
+        item_ids=to_tensor(batch.item_ids.astype(np.int64, copy=False)),
+        label_vectors=to_tensor(batch.label_vectors.astype(np.float32, copy=False)),
+        versions=to_tensor(batch.versions.astype(np.int32, copy=False)),
+    ).SerializeToString()
 
 
 def decode_samples(data: bytes) -> SampleArrays:

@@ -162,8 +162,13 @@ async def publish(
     return ack.seq
 
 
-async def dead_letter(js: JetStreamContext, source: str, msg: Msg, reason: str) -> None:
-    """Copies a message's bytes to ``deadletter.<source>`` with the reason and its origin."""
+async def dead_letter(
+    js: JetStreamContext, source: str, msg: Msg, reason: str, *, part: int | None = None, data: bytes | None = None
+) -> None:
+    """Copies a message's bytes to ``deadletter.<source>`` with the reason and its origin.
+
+    For one bad entry of a batched message, ``part`` is its index and ``data`` its own bytes.
+    """
     meta = msg.metadata
     headers = {
         "Freshet-Reason": reason[:512],
@@ -171,7 +176,12 @@ async def dead_letter(js: JetStreamContext, source: str, msg: Msg, reason: str) 
         "Freshet-Stream-Seq": str(meta.sequence.stream),
     }
     msg_id = f"dl:{meta.stream}:{meta.sequence.stream}"
-    await publish(js, f"{DEADLETTER_SUBJECT}.{source}", msg.data, msg_id=msg_id, headers=headers)
+    if part is not None:
+        headers["Freshet-Part"] = str(part)
+        msg_id += f":{part}"
+    await publish(
+        js, f"{DEADLETTER_SUBJECT}.{source}", msg.data if data is None else data, msg_id=msg_id, headers=headers
+    )
 
 
 class Outcome(enum.Enum):

@@ -44,7 +44,9 @@ def decode_event_batch(data: bytes) -> list[Event | None]:
         google.protobuf.message.DecodeError: the bytes are not an EventBatch.
     """
     batch = events_pb2.EventBatch.FromString(data)
-    return [getattr(entry, entry.WhichOneof("kind")) if entry.WhichOneof("kind") else None for entry in batch.events]
+    return [
+        getattr(entry, entry.WhichOneof("kind")) if entry.WhichOneof("kind") else None for entry in batch.events
+    ]
 
 
 class EventPublisher:

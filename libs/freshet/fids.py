@@ -7,6 +7,8 @@ possible because the slot is recoverable from the fid. Fids are always non-negat
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -75,9 +77,46 @@ def example_fids(
     pos = int_fids(SLOT_POSITION, np.array([position]))[0]
     columns = [np.full(n, user, np.int64), int_fids(SLOT_ITEM, item_ids), np.full(n, pos, np.int64)]
     for name in sorted(context or {}):
-        fid = make_fid(context_slot(name), hash_value(context[name]))
-        columns.append(np.full(n, fid, np.int64))
+        columns.append(np.full(n, context_fid(name, context[name]), np.int64))
     return np.stack(columns, axis=1) if n else np.zeros((0, len(columns)), np.int64)
+
+
+@lru_cache(maxsize=1 << 16)
+def context_fid(name: str, value: str) -> int:
+    """The fid of one context feature (memoised: context vocabularies are small and hot)."""
+    return make_fid(context_slot(name), hash_value(value))
+
+
+def batch_example_fids(
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    positions: np.ndarray,
+    contexts: Sequence[Sequence[tuple[str, str]]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fids of many (user, item, position, context) examples at once: (fids int64 [T], lengths int32 [B]).
+
+    Example ``i`` owns ``fids[sum(lengths[:i]):][:lengths[i]]``, equal to
+    ``example_fids(user_ids[i], [item_ids[i]], positions[i], dict(contexts[i]))[0]``; each context is
+    (name, value) pairs sorted by name.
+    """
+    n = len(item_ids)
+    base = np.stack(
+        [int_fids(SLOT_USER, user_ids), int_fids(SLOT_ITEM, item_ids), int_fids(SLOT_POSITION, positions)], axis=1
+    )
+    extra = [len(ctx) for ctx in contexts]
+    if not any(extra):
+        return base.reshape(-1), np.full(n, 3, np.int32)
+    lengths = np.asarray(extra, np.int32) + 3
+    starts = np.zeros(n, np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    fids = np.empty(int(lengths.sum()), np.int64)
+    for column in range(3):
+        fids[starts + column] = base[:, column]
+    context = np.fromiter((context_fid(k, v) for ctx in contexts for k, v in ctx), np.int64, sum(extra))
+    counts = np.asarray(extra, np.int64)
+    first = np.repeat(starts + 3 - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    fids[first + np.arange(len(context))] = context
+    return fids, lengths
 
 
 def shard_of(fids: np.ndarray, num_shards: int) -> np.ndarray:

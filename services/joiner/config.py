@@ -46,6 +46,9 @@ class JoinerConfig:
         "joiner",
     )
     fetch_batch: int = env_field("FRESHET_JOINER_FETCH_BATCH", "messages fetched per pull", 512)
+    samples_per_message: int = env_field(
+        "FRESHET_JOINER_SAMPLES_PER_MESSAGE", "samples per SampleBatch message at most (keep it under 1 MB)", 2048
+    )
     tick_s: float = env_field("FRESHET_JOINER_TICK_S", "seconds between watermark advances without events", 0.1)
 
     def join_config(self) -> JoinConfig:

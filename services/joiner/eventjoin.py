@@ -62,7 +62,8 @@ Crash safety
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+import secrets
+from dataclasses import dataclass
 
 from services.joiner.joinstate import (
     ActionEvent,
@@ -177,7 +178,7 @@ def negative_kept(key: Key, rate: float, seed: int) -> bool:
 def _with_action(record: WindowRecord, action: ActionEvent) -> WindowRecord:
     labels = list(record.labels)
     labels[action.type - 1] = float(action.value) if action.type == ActionType.DWELL else 1.0
-    return replace(record, labels=tuple(labels), types=record.types | {action.type})
+    return record._replace(labels=tuple(labels), types=record.types | {action.type})
 
 
 def _in_window(record: WindowRecord, action: ActionEvent) -> bool:
@@ -195,13 +196,27 @@ class EventJoin:
     def __init__(self, config: JoinConfig, state: JoinState) -> None:
         self.config = config
         self.state = state
-        meta = state.load_meta() or JoinMeta()
+        meta = state.load_meta() or JoinMeta(epoch=secrets.token_hex(6))
+        self.epoch = meta.epoch or secrets.token_hex(6)
         self._max_event_ms = meta.max_event_ms
         self._watermark_ms = meta.watermark_ms
+        self._next_outbox_seq = meta.next_outbox_seq
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0) | meta.counters
         self._arrivals = 0  # events since the last advance()
         self._last_arrival_ms: int | None = None  # processing time
         self._idle_mark_ms = 0  # processing time up to which idleness has moved the watermark
+        self._restore_timers()
+
+    def _restore_timers(self) -> None:
+        """Schedules the timers the stored windows and buffers imply (states keep timers in memory only)."""
+        for key, close_ms, closed in self.state.windows():
+            if closed:
+                self.state.add_timer(Timer(close_ms + self.config.retention_ms, TimerKind.FORGET, key))
+            else:
+                self.state.add_timer(Timer(close_ms, TimerKind.CLOSE, key))
+        for key, actions in self.state.buffers():
+            for deadline in {a.event_time_ms + self.config.window_ms for a in actions}:
+                self.state.add_timer(Timer(deadline, TimerKind.ORPHAN, key))
 
     @property
     def watermark_ms(self) -> int | None:
@@ -228,7 +243,7 @@ class EventJoin:
                 for action in buffered:
                     record = self._join_open(record, action)
                 if record.types:
-                    record = replace(record, version=1)
+                    record = record._replace(version=1)
                     self.counters["positives"] += 1
                     out.append(self._sample(record, 1.0, correction=False))
             self.state.put_window(key, record)
@@ -252,7 +267,7 @@ class EventJoin:
         elif not record.closed:
             joined = self._join_open(record, ev)
             if joined is not record:
-                joined = replace(joined, version=record.version + 1)
+                joined = joined._replace(version=record.version + 1)
                 self.counters["positives" if joined.version == 1 else "updates"] += 1
                 out.append(self._sample(joined, 1.0, correction=False))
                 self.state.put_window(key, joined)
@@ -263,7 +278,7 @@ class EventJoin:
         else:
             self.counters["late_actions"] += 1
             if self.config.late_policy == "correct":
-                corrected = replace(_with_action(record, ev), version=record.version + 1)
+                corrected = _with_action(record, ev)._replace(version=record.version + 1)
                 self.counters["corrections"] += 1
                 out.append(self._sample(corrected, 1.0, correction=True))
                 self.state.put_window(key, corrected)
@@ -283,8 +298,28 @@ class EventJoin:
                 self._idle_mark_ms = now_processing_ms
         out: list[JoinedSample] = []
         self._fire(out)
-        self._save_meta()
         return out
+
+    def stage_output(self, data: bytes) -> int:
+        """Puts an encoded output in the state's outbox under the next sequence number and returns it.
+
+        The entry becomes durable with the state by the next ``commit()``: publish it after the commit
+        with a message id derived from the sequence, then ``output_delivered(seq)``. After a crash,
+        ``pending_outputs()`` holds every committed output not yet known to be delivered, with the
+        sequence (hence the message id) it had.
+        """
+        seq = self._next_outbox_seq
+        self._next_outbox_seq += 1
+        self.state.put_outbox(seq, data)
+        return seq
+
+    def output_delivered(self, seq: int) -> None:
+        """Forgets an output JetStream has acknowledged (durable with the next commit)."""
+        self.state.delete_outbox(seq)
+
+    def pending_outputs(self) -> list[tuple[int, bytes]]:
+        """Outputs staged and not yet delivered, by sequence."""
+        return self.state.outbox()
 
     def commit(self) -> None:
         """Persist state, watermark and counters atomically (after the outputs so far are published)."""
@@ -309,7 +344,6 @@ class EventJoin:
         if self._watermark_ms is None or candidate > self._watermark_ms:
             self._watermark_ms = candidate
         self._fire(out)
-        self._save_meta()
         return out
 
     def _fire(self, out: list[JoinedSample]) -> None:
@@ -322,10 +356,10 @@ class EventJoin:
                 if timer.kind == TimerKind.CLOSE:
                     self._close(timer.key, wm, out)
                 elif timer.kind == TimerKind.FORGET:
-                    record = self.state.get_window(timer.key)
-                    if record is not None and record.closed:
-                        self.state.delete_window(timer.key)
-                        self.counters["forgotten_keys"] += 1
+                    # Scheduled once, when the window closed; a closed window never reopens, so the
+                    # record is still the closed one (no need to read it).
+                    self.state.delete_window(timer.key)
+                    self.counters["forgotten_keys"] += 1
                 else:
                     buffered = self.state.get_buffer(timer.key)
                     waiting = tuple(a for a in buffered if a.event_time_ms + self.config.window_ms > wm)
@@ -336,9 +370,9 @@ class EventJoin:
         record = self.state.get_window(key)
         if record is None or record.closed or record.close_ms > wm:
             return  # a stale timer
-        record = replace(record, closed=True)
+        record = record._replace(closed=True)
         if record.version == 0:
-            record = replace(record, version=1)
+            record = record._replace(version=1)
             rate = self.config.negative_rate
             if negative_kept(key, rate, self.config.seed):
                 self.counters["negatives"] += 1
@@ -362,4 +396,7 @@ class EventJoin:
         )
 
     def _save_meta(self) -> None:
-        self.state.save_meta(JoinMeta(self._max_event_ms, self._watermark_ms, dict(self.counters)))
+        meta = JoinMeta(
+            self._max_event_ms, self._watermark_ms, dict(self.counters), self._next_outbox_seq, self.epoch
+        )
+        self.state.save_meta(meta)

@@ -11,29 +11,36 @@ The data model lives here too, because the RocksDB layout must be able to rebuil
 
 RocksDB layout (keys are bytes; ``K`` = item id as order-preserving 8-byte big-endian + request id UTF-8):
 
-- ``w/K`` -> JSON window record (open window, or the tombstone of a closed one);
-- ``b/K`` -> JSON list of buffered actions of a key whose impression has not arrived;
-- ``t/<at><kind>K`` -> empty; ``at`` is the due time as order-preserving 8-byte big-endian, so the
-  timers due by a watermark are one forward range scan from the start of ``t/``;
-- ``m/meta`` -> JSON watermark, maximum event time and counters.
+- ``w/K`` -> window record (open window, or the tombstone of a closed one), packed binary (``_WINDOW``
+  header, then the context as length-prefixed UTF-8 pairs);
+- ``b/K`` -> buffered actions of a key whose impression has not arrived, packed (``_ACTION`` each);
+- ``m/meta`` -> JSON watermark, maximum event time, next outbox sequence and counters;
+- ``o/<seq>`` -> an outbox entry: encoded output (a ``SampleBatch``) committed with the state that
+  produced it and deleted once JetStream acknowledged it (``seq`` order-preserving 8-byte big-endian).
 
 Every mutation between two ``commit()`` calls is held in an in-memory overlay that reads see at once
 (read-your-writes); ``commit()`` writes the overlay as ONE ``WriteBatch``, so after a crash the store is
 exactly as of the last commit. ``close()`` does not commit: what was not committed is lost, as in a crash.
-Timers are ordered by their encoded bytes in both implementations, i.e. by (due time, kind, key), which
-keeps the order in which windows fire identical in memory and on disk.
+Timers are not stored: they follow from the windows and buffers (a CLOSE timer per open window, a FORGET
+timer per closed one, an ORPHAN timer per buffered action's deadline), so both implementations keep them
+in a heap in process memory and ``EventJoin`` rebuilds them when it opens a state. They are ordered by
+their encoded bytes, i.e. by (due time, kind, key), which keeps the order in which windows fire the same
+in every run.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import json
+import struct
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field, is_dataclass
 from dataclasses import fields as dataclass_fields
 from enum import IntEnum
+from functools import lru_cache
 from types import TracebackType
+from typing import NamedTuple
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
@@ -103,9 +110,10 @@ class ActionEvent:
         return cls(msg.request_id, msg.item_id, kind, float(msg.value), msg.event_time_ms)
 
 
-@dataclass(frozen=True)
-class WindowRecord:
+class WindowRecord(NamedTuple):
     """The join of one impression: open until the watermark reaches ``close_ms``, then a tombstone.
+
+    A named tuple (it is created and changed several times per event; ``_replace`` makes changed copies).
 
     Attributes:
         impression: the accepted impression.
@@ -137,15 +145,14 @@ def _i64(value: int) -> bytes:
 
 
 def encode_key(key: Key) -> bytes:
-    return _i64(key[1]) + key[0].encode()
+    return (key[1] + _OFFSET).to_bytes(8, "big") + key[0].encode()
 
 
 def decode_key(raw: bytes) -> Key:
     return (raw[8:].decode(), int.from_bytes(raw[:8], "big") - _OFFSET)
 
 
-@dataclass(frozen=True)
-class Timer:
+class Timer(NamedTuple):
     """Something to do for ``key`` once the watermark reaches ``at_ms``."""
 
     at_ms: int
@@ -154,11 +161,16 @@ class Timer:
 
     def encode(self) -> bytes:
         """Bytes that sort as (at_ms, kind, key) do."""
-        return _i64(self.at_ms) + self.kind.encode() + encode_key(self.key)
+        return _TIMER_HEAD.pack(self.at_ms + _OFFSET, self.kind.encode()) + encode_key(self.key)
 
     @classmethod
     def decode(cls, raw: bytes) -> Timer:
-        return cls(int.from_bytes(raw[:8], "big") - _OFFSET, raw[8:9].decode(), decode_key(raw[9:]))
+        at, kind, item = _TIMER_KEY.unpack_from(raw)
+        return cls(at - _OFFSET, kind.decode(), (raw[17:].decode(), item - _OFFSET))
+
+
+_TIMER_HEAD = struct.Struct(">Qc")
+_TIMER_KEY = struct.Struct(">QcQ")
 
 
 @dataclass(frozen=True)
@@ -168,10 +180,16 @@ class JoinMeta:
     max_event_ms: int | None = None
     watermark_ms: int | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    next_outbox_seq: int = 1
+    epoch: str = ""  # chosen when the state is created; part of output message ids
 
 
 class JoinState(ABC):
     """Storage of one join partition. Getters return immutable values; change them only through puts."""
+
+    def __init__(self) -> None:
+        self._live: set[bytes] = set()
+        self._heap: list[bytes] = []  # may hold removed timers; only those in _live count
 
     @abstractmethod
     def get_window(self, key: Key) -> WindowRecord | None: ...
@@ -191,22 +209,57 @@ class JoinState(ABC):
         """Replace key's buffered actions; an empty tuple deletes them."""
 
     @abstractmethod
+    def windows(self) -> Iterator[tuple[Key, int, bool]]:
+        """(key, close_ms, closed) of every stored window record, for rebuilding timers."""
+
+    @abstractmethod
+    def buffers(self) -> Iterator[tuple[Key, tuple[ActionEvent, ...]]]:
+        """Every key's buffered actions, for rebuilding timers."""
+
+    # Timers live in process memory (a heap of encoded timers), in both implementations: they follow
+    # from the stored windows and buffers, so ``EventJoin`` rebuilds them when it opens a state.
+
     def add_timer(self, timer: Timer) -> None:
         """Schedule timer (adding one that exists is a no-op)."""
+        raw = timer.encode()
+        if raw not in self._live:
+            self._live.add(raw)
+            heapq.heappush(self._heap, raw)
 
-    @abstractmethod
     def remove_timer(self, timer: Timer) -> None:
         """Unschedule timer (missing ones are ignored)."""
+        self._live.discard(timer.encode())
 
-    @abstractmethod
     def pop_due(self, up_to_ms: int) -> list[Timer]:
         """Remove and return every timer with ``at_ms <= up_to_ms``, ordered by (at_ms, kind, key)."""
+        heap = self._heap
+        if not heap or heap[0] >= (upper := _i64(up_to_ms + 1)):
+            return []
+        out = []
+        while heap and heap[0] < upper:
+            raw = heapq.heappop(heap)
+            if raw in self._live:
+                self._live.remove(raw)
+                out.append(Timer.decode(raw))
+        return out
 
     @abstractmethod
     def load_meta(self) -> JoinMeta | None: ...
 
     @abstractmethod
     def save_meta(self, meta: JoinMeta) -> None: ...
+
+    @abstractmethod
+    def put_outbox(self, seq: int, data: bytes) -> None:
+        """Store an output to publish; it becomes durable with the state by the next ``commit()``."""
+
+    @abstractmethod
+    def delete_outbox(self, seq: int) -> None:
+        """Forget an output JetStream has acknowledged."""
+
+    @abstractmethod
+    def outbox(self) -> list[tuple[int, bytes]]:
+        """Outputs stored and not deleted, ordered by ``seq``."""
 
     @abstractmethod
     def commit(self) -> None:
@@ -229,11 +282,11 @@ class MemoryJoinState(JoinState):
     """Dicts and a heap of encoded timers; ``commit`` is a no-op, nothing survives the process."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._windows: dict[Key, WindowRecord] = {}
         self._buffers: dict[Key, tuple[ActionEvent, ...]] = {}
-        self._live: set[bytes] = set()
-        self._heap: list[bytes] = []  # may hold removed timers; only those in _live count
         self._meta: JoinMeta | None = None
+        self._outbox: dict[int, bytes] = {}
 
     def get_window(self, key: Key) -> WindowRecord | None:
         return self._windows.get(key)
@@ -253,29 +306,26 @@ class MemoryJoinState(JoinState):
         else:
             self._buffers.pop(key, None)
 
-    def add_timer(self, timer: Timer) -> None:
-        raw = timer.encode()
-        if raw not in self._live:
-            self._live.add(raw)
-            heapq.heappush(self._heap, raw)
+    def windows(self) -> Iterator[tuple[Key, int, bool]]:
+        return ((key, r.close_ms, r.closed) for key, r in list(self._windows.items()))
 
-    def remove_timer(self, timer: Timer) -> None:
-        self._live.discard(timer.encode())
-
-    def pop_due(self, up_to_ms: int) -> list[Timer]:
-        upper, out = _i64(up_to_ms + 1), []
-        while self._heap and self._heap[0] < upper:
-            raw = heapq.heappop(self._heap)
-            if raw in self._live:
-                self._live.remove(raw)
-                out.append(Timer.decode(raw))
-        return out
+    def buffers(self) -> Iterator[tuple[Key, tuple[ActionEvent, ...]]]:
+        return iter(list(self._buffers.items()))
 
     def load_meta(self) -> JoinMeta | None:
         return self._meta
 
     def save_meta(self, meta: JoinMeta) -> None:
         self._meta = meta
+
+    def put_outbox(self, seq: int, data: bytes) -> None:
+        self._outbox[seq] = data
+
+    def delete_outbox(self, seq: int) -> None:
+        self._outbox.pop(seq, None)
+
+    def outbox(self) -> list[tuple[int, bytes]]:
+        return sorted(self._outbox.items())
 
     def commit(self) -> None:
         pass
@@ -284,8 +334,7 @@ class MemoryJoinState(JoinState):
         pass
 
 
-_W, _B, _T, _META = b"w/", b"b/", b"t/", b"m/meta"
-_TIMER_SET = b""  # overlay value of a scheduled timer; None in the overlay means deleted
+_W, _B, _O, _META = b"w/", b"b/", b"o/", b"m/meta"
 
 
 class RocksJoinState(JoinState):
@@ -296,18 +345,27 @@ class RocksJoinState(JoinState):
         sync_writes: fsync the WAL on commit, so a commit also survives an OS crash or power loss.
     """
 
-    def __init__(self, path: str, *, sync_writes: bool = False) -> None:
+    def __init__(self, path: str, *, sync_writes: bool = False, cached_windows: int = 1 << 18) -> None:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         self.path = path
         self._db: Rdict | None = Rdict(path, opts)
         self._write_opts = WriteOptions()
         self._write_opts.sync = sync_writes
+        super().__init__()
         self._pending: dict[bytes, object] = {}
-        self._pending_timers: list[bytes] = []  # sorted encoded timers scheduled since the last commit
-        # Every timer stored in the DB below _floor is already deleted in the overlay (or the DB): scans
-        # start there instead of walking RocksDB tombstones of timers fired long ago.
-        self._floor = b""
+        # Decoded window records as of recent commits (most windows are read again when they close):
+        # saves a RocksDB read and a decode; bounded, oldest written first out.
+        self._recent: dict[bytes, WindowRecord] = {}
+        self._cached_windows = cached_windows
+        # Keys that have buffered actions (few, short-lived): an impression of any other key needs no read.
+        self._buffered: set[bytes] = set()
+        it = self._db.iter()
+        it.seek(_B)
+        while it.valid() and it.key().startswith(_B):
+            self._buffered.add(it.key()[len(_B) :])
+            it.next()
+        del it
 
     def _read(self, key: bytes) -> bytes | object | None:
         if key in self._pending:
@@ -315,8 +373,13 @@ class RocksJoinState(JoinState):
         return self._open_db().get(key)
 
     def get_window(self, key: Key) -> WindowRecord | None:
-        value = self._read(_W + encode_key(key))
-        return _decode_window(value) if isinstance(value, bytes) else value
+        db_key = _W + encode_key(key)
+        if db_key in self._pending:
+            return self._pending[db_key]
+        if (record := self._recent.get(db_key)) is not None:
+            return record
+        value = self._open_db().get(db_key)
+        return None if value is None else _decode_window(value, key)
 
     def put_window(self, key: Key, record: WindowRecord) -> None:
         self._pending[_W + encode_key(key)] = record
@@ -325,49 +388,45 @@ class RocksJoinState(JoinState):
         self._pending[_W + encode_key(key)] = None
 
     def get_buffer(self, key: Key) -> tuple[ActionEvent, ...]:
-        value = self._read(_B + encode_key(key))
-        if isinstance(value, bytes):
-            return tuple(ActionEvent(key[0], key[1], ActionType(k), v, t) for k, v, t in json.loads(value))
-        return value or ()
+        raw_key = encode_key(key)
+        if raw_key not in self._buffered:
+            return ()
+        value = self._read(_B + raw_key)
+        return _decode_actions(value, key) if isinstance(value, bytes) else value or ()
 
     def put_buffer(self, key: Key, actions: tuple[ActionEvent, ...]) -> None:
-        self._pending[_B + encode_key(key)] = tuple(actions) or None
+        raw_key = encode_key(key)
+        if actions:
+            self._buffered.add(raw_key)
+        elif raw_key not in self._buffered:
+            return  # nothing stored to delete
+        self._pending[_B + raw_key] = tuple(actions) or None
 
-    def add_timer(self, timer: Timer) -> None:
-        raw = timer.encode()
-        if self._pending.get(_T + raw) == _TIMER_SET:
-            return
-        self._pending[_T + raw] = _TIMER_SET
-        bisect.insort(self._pending_timers, raw)
-        self._floor = min(self._floor, raw)
+    def windows(self) -> Iterator[tuple[Key, int, bool]]:
+        for db_key, value in self._scan(_W):
+            if isinstance(value, bytes):  # only the header: close time and the closed flag
+                fields = _WINDOW.unpack_from(value)
+                yield decode_key(db_key[len(_W) :]), fields[3], bool(fields[10])
+            elif value is not None:
+                yield value.impression.key, value.close_ms, value.closed
 
-    def remove_timer(self, timer: Timer) -> None:
-        raw = timer.encode()
-        self._pending[_T + raw] = None
-        i = bisect.bisect_left(self._pending_timers, raw)
-        if i < len(self._pending_timers) and self._pending_timers[i] == raw:
-            del self._pending_timers[i]
+    def buffers(self) -> Iterator[tuple[Key, tuple[ActionEvent, ...]]]:
+        for db_key, value in self._scan(_B):
+            key = decode_key(db_key[len(_B) :])
+            actions = _decode_actions(value, key) if isinstance(value, bytes) else value
+            if actions:
+                yield key, actions
 
-    def pop_due(self, up_to_ms: int) -> list[Timer]:
-        upper, due = _i64(up_to_ms + 1), set()
-        if self._floor < upper:
-            it = self._open_db().iter()
-            it.seek(_T + self._floor)
-            while it.valid():
-                key = it.key()
-                if not key.startswith(_T) or key[2:] >= upper:
-                    break
-                if self._pending.get(key, _TIMER_SET) is not None:
-                    due.add(key[2:])
-                it.next()
-            del it  # an open iterator pins the DB
-            self._floor = upper
-        n = bisect.bisect_left(self._pending_timers, upper)
-        due.update(self._pending_timers[:n])
-        del self._pending_timers[:n]
-        for raw in due:
-            self._pending[_T + raw] = None
-        return [Timer.decode(raw) for raw in sorted(due)]
+    def _scan(self, prefix: bytes) -> list[tuple[bytes, object]]:
+        """(key, value) of every stored key with prefix, the uncommitted overlay applied, in key order."""
+        entries = {key: value for key, value in self._pending.items() if key.startswith(prefix)}
+        it = self._open_db().iter()
+        it.seek(prefix)
+        while it.valid() and it.key().startswith(prefix):
+            entries.setdefault(it.key(), it.value())
+            it.next()
+        del it  # an open iterator pins the DB
+        return sorted(entries.items())
 
     def load_meta(self) -> JoinMeta | None:
         value = self._read(_META)
@@ -375,6 +434,15 @@ class RocksJoinState(JoinState):
 
     def save_meta(self, meta: JoinMeta) -> None:
         self._pending[_META] = meta
+
+    def put_outbox(self, seq: int, data: bytes) -> None:
+        self._pending[_O + _i64(seq)] = bytes(data)
+
+    def delete_outbox(self, seq: int) -> None:
+        self._pending[_O + _i64(seq)] = None
+
+    def outbox(self) -> list[tuple[int, bytes]]:
+        return [(int.from_bytes(key[2:], "big") - _OFFSET, value) for key, value in self._scan(_O) if value]
 
     def commit(self) -> None:
         db = self._open_db()
@@ -386,14 +454,23 @@ class RocksJoinState(JoinState):
                 batch.put(key, _encode(key, value))
         if len(batch):
             db.write(batch, self._write_opts)
+        recent = self._recent
+        for key, value in self._pending.items():
+            if key.startswith(_W):
+                recent.pop(key, None)
+                if value is not None:
+                    recent[key] = value
+            elif key.startswith(_B) and value is None:
+                self._buffered.discard(key[len(_B) :])
+        for _ in range(len(recent) - self._cached_windows):
+            del recent[next(iter(recent))]
         self._pending.clear()
-        self._pending_timers.clear()
 
     def close(self) -> None:
         if self._db is None:
             return
         self._pending.clear()
-        self._pending_timers.clear()
+        self._recent.clear()
         self._db.close()
         self._db = None
 
@@ -403,30 +480,83 @@ class RocksJoinState(JoinState):
         return self._db
 
 
+_WINDOW = struct.Struct("<qiqq4dBIBH")  # user, position, event time, close, labels, types, version, closed, n ctx
+_ACTION = struct.Struct("<Bdq")  # type, value, event time
+_LEN = struct.Struct("<H")
+_TYPES_OF_MASK = [frozenset(t for t in ActionType if mask >> t & 1) for mask in range(1 << (max(ActionType) + 1))]
+
+
 def _encode(key: bytes, value: object) -> bytes:
-    if key.startswith(_T):
-        return b""
+    if key.startswith(_O):
+        return value
     if key.startswith(_B):
-        return json.dumps([[int(a.type), a.value, a.event_time_ms] for a in value]).encode()
-    fields = _shallow_fields(value)  # a WindowRecord or JoinMeta
+        return b"".join(_ACTION.pack(a.type, a.value, a.event_time_ms) for a in value)
     if isinstance(value, WindowRecord):
-        fields["types"] = sorted(int(t) for t in value.types)
-    return json.dumps(fields).encode()
+        return _encode_window(value)
+    return json.dumps(_shallow_fields(value)).encode()  # JoinMeta, once per commit
+
+
+def _encode_window(record: WindowRecord) -> bytes:
+    imp = record.impression
+    mask = 0
+    for t in record.types:
+        mask |= 1 << t
+    head = _WINDOW.pack(
+        imp.user_id,
+        imp.position,
+        imp.event_time_ms,
+        record.close_ms,
+        *record.labels,
+        mask,
+        record.version,
+        record.closed,
+        len(imp.context),
+    )
+    return head + _encode_context(imp.context) if imp.context else head
+
+
+@lru_cache(maxsize=1 << 14)
+def _encode_context(context: tuple[tuple[str, str], ...]) -> bytes:
+    """Length-prefixed UTF-8 (name, value) pairs (memoised: contexts repeat)."""
+    parts = []
+    for name, value in context:
+        for text in (name.encode(), value.encode()):
+            parts.append(_LEN.pack(len(text)))
+            parts.append(text)
+    return b"".join(parts)
+
+
+def _decode_window(raw: bytes, key: Key) -> WindowRecord:
+    user, position, event_ms, close_ms, l0, l1, l2, l3, mask, version, closed, n_ctx = _WINDOW.unpack_from(raw)
+    offset, context = _WINDOW.size, []
+    for _ in range(n_ctx):
+        pair = []
+        for _ in range(2):
+            (size,) = _LEN.unpack_from(raw, offset)
+            offset += _LEN.size
+            pair.append(raw[offset : offset + size].decode())
+            offset += size
+        context.append(tuple(pair))
+    return WindowRecord(
+        ImpressionEvent(key[0], user, key[1], position, event_ms, tuple(context)),
+        close_ms,
+        (l0, l1, l2, l3),
+        _TYPES_OF_MASK[mask],
+        version,
+        bool(closed),
+    )
+
+
+def _decode_actions(raw: bytes, key: Key) -> tuple[ActionEvent, ...]:
+    return tuple(
+        ActionEvent(key[0], key[1], ActionType(kind), value, at) for kind, value, at in _ACTION.iter_unpack(raw)
+    )
 
 
 def _shallow_fields(value: object) -> dict:
-    """Like ``dataclasses.asdict`` but without its deep copies (it dominated commit time)."""
+    """Like ``dataclasses.asdict`` but without its deep copies."""
     out = {}
     for f in dataclass_fields(value):
         item = getattr(value, f.name)
         out[f.name] = _shallow_fields(item) if is_dataclass(item) else item
     return out
-
-
-def _decode_window(raw: bytes) -> WindowRecord:
-    fields = json.loads(raw)
-    imp = fields.pop("impression")
-    imp["context"] = tuple(tuple(pair) for pair in imp["context"])
-    fields["labels"] = tuple(fields["labels"])
-    fields["types"] = frozenset(ActionType(t) for t in fields["types"])
-    return WindowRecord(ImpressionEvent(**imp), **fields)

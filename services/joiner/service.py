@@ -1,12 +1,21 @@
 """The joiner: impressions + actions from ``events.>`` become labelled samples on ``samples.<p>``.
 
-Exactly once, across crashes: for each fetched batch the joiner (1) runs the event-time join
-(``EventJoin``), (2) publishes the samples it produced with their deterministic ``Nats-Msg-Id``
-and waits for JetStream's acknowledgements, (3) commits the join state atomically, and only then
-(4) acknowledges the input messages. A crash before (3) replays the inputs against the previous
-state and regenerates the same sample ids (deduplicated by the stream); a crash between (3) and
-(4) replays inputs the state has already seen, which the join rules turn into no new samples.
-The join rules are documented in ``services/joiner/eventjoin.py``.
+Events arrive one per message (``events.impressions.<p>``, ``events.actions.<p>``) or batched
+(``events.batch.<p>``, an ``EventBatch``; see ``freshet.eventlog``). Exactly once, across crashes:
+for each fetched batch of messages the joiner (1) runs the event-time join (``EventJoin``; the
+rules are in ``services/joiner/eventjoin.py``), (2) encodes the samples it produced as
+``SampleBatch`` messages of at most ``FRESHET_JOINER_SAMPLES_PER_MESSAGE`` samples and stages them
+in the join state's outbox, (3) commits state and outbox atomically, (4) publishes the staged
+messages with ``Nats-Msg-Id = sb:<partition>:<epoch>:<seq>`` and waits for JetStream's
+acknowledgements, and only then (5) acknowledges the input messages.
+
+A crash before (3) replays the inputs against the previous state: the same samples are produced
+again and staged under the same sequence numbers. A crash after (3) leaves the staged messages in
+the outbox; on start the joiner publishes every one the SAMPLES stream does not already end with
+(the last message on ``samples.<p>`` names the last delivered sequence), and the inputs replayed
+after the ack floor are ones the state has already seen, which the join rules turn into no new
+samples. ``epoch`` is chosen when a partition's state is created, so a joiner whose state was wiped
+never reuses a message id JetStream might still remember.
 """
 
 from __future__ import annotations
@@ -17,16 +26,17 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
-from freshet.batches import Sample, encode_samples
+from freshet.batches import SampleArrays, encode_sample_arrays
 from freshet.config import BusConfig
 from freshet.events.v1 import events_pb2
-from freshet.fids import example_fids
+from freshet.fids import batch_example_fids
 from freshet.runtime import NatsMixin, Service
 from services.joiner.config import JoinerConfig
 from services.joiner.eventjoin import ActionEvent, EventJoin, ImpressionEvent, JoinedSample
@@ -58,20 +68,41 @@ def validate_action(action: events_pb2.Action) -> str | None:
     return None
 
 
-def to_sample(joined: JoinedSample) -> Sample:
-    """The training sample of a joined impression: the click label, the down-sampling weight."""
-    imp = joined.impression
-    return Sample(
-        sample_id=joined.sample_id,
-        fids=example_fids(imp.user_id, [imp.item_id], imp.position, dict(imp.context))[0],
-        label=joined.label_vector[0],
-        weight=joined.weight,
-        event_time_ms=imp.event_time_ms,
-        user_id=imp.user_id,
-        item_id=imp.item_id,
-        label_vector=joined.label_vector,
-        version=joined.version,
+def joined_arrays(joined: list[JoinedSample]) -> SampleArrays:
+    """The training samples of joined impressions, featurised in one vectorised pass."""
+    imps = [j.impression for j in joined]
+    n = len(imps)
+    users = np.fromiter((i.user_id for i in imps), np.int64, n)
+    items = np.fromiter((i.item_id for i in imps), np.int64, n)
+    positions = np.fromiter((i.position for i in imps), np.int64, n)
+    fids, lengths = batch_example_fids(users, items, positions, [i.context for i in imps])
+    labels = np.array([j.label_vector for j in joined], np.float32).reshape(n, 4)
+    return SampleArrays(
+        fids=fids,
+        lengths=lengths,
+        labels=labels[:, 0].copy(),
+        weights=np.fromiter((j.weight for j in joined), np.float32, n),
+        sample_ids=[j.sample_id for j in joined],
+        event_time_ms=np.fromiter((i.event_time_ms for i in imps), np.int64, n),
+        user_ids=users,
+        item_ids=items,
+        label_vectors=labels,
+        versions=np.fromiter((j.version for j in joined), np.int32, n),
     )
+
+
+def parse_event(proto: events_pb2.Impression | events_pb2.Action) -> ImpressionEvent | ActionEvent:
+    """The join's event for a decoded protobuf; raises ``bus.Reject`` naming a schema violation."""
+    if isinstance(proto, events_pb2.Impression):
+        if reason := validate_impression(proto):
+            raise bus.Reject(reason)
+        return ImpressionEvent.from_proto(proto)
+    if reason := validate_action(proto):
+        raise bus.Reject(reason)
+    try:
+        return ActionEvent.from_proto(proto)
+    except ValueError as exc:
+        raise bus.Reject(str(exc)) from None
 
 
 class PartitionJoin:
@@ -110,6 +141,8 @@ class JoinerService(NatsMixin, Service):
             )
         self.partitions = [PartitionJoin(p, config) for p in owned]
         self.samples_published = 0
+        self.outputs_republished = 0  # staged before a crash, published on start
+        self.invalid_events = 0  # dead-lettered: whole messages and single entries of batches
 
     @property
     def counts(self) -> dict[str, int]:
@@ -118,11 +151,12 @@ class JoinerService(NatsMixin, Service):
         for part in self.partitions:
             for name, value in part.join.counters.items():
                 total[name] = total.get(name, 0) + value
-        return {**total, "samples": self.samples_published}
+        return {**total, "samples": self.samples_published, "invalid_events": self.invalid_events}
 
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-joiner")
         for part in self.partitions:
+            await self._recover_outbox(part)
             spec = await self._resume_in_order(part.spec)
             part.loop = bus.PullLoop(
                 self.js,
@@ -156,43 +190,63 @@ class JoinerService(NatsMixin, Service):
         for part in self.partitions:
             part.state.close()
 
-    def _event(self, msg: Msg) -> ImpressionEvent | ActionEvent:
+    def _events(self, msg: Msg) -> tuple[list[ImpressionEvent | ActionEvent], list[tuple[int, bytes, str]]]:
+        """The events of a message, and (index, bytes, reason) for each bad entry of a batch.
+
+        Raises ``bus.Reject`` when the whole message is unusable (unknown subject, undecodable, or a
+        single event that violates the schema).
+        """
         kind = msg.subject.split(".")[1] if msg.subject.count(".") >= 1 else ""
-        proto, validate, event = {
-            "impressions": (events_pb2.Impression, validate_impression, ImpressionEvent),
-            "actions": (events_pb2.Action, validate_action, ActionEvent),
-        }.get(kind, (None, None, None))
-        if proto is None:
+        single = {"impressions": events_pb2.Impression, "actions": events_pb2.Action}.get(kind)
+        if single is not None:
+            try:
+                return [parse_event(single.FromString(msg.data))], []
+            except DecodeError as exc:
+                raise bus.Reject(f"cannot decode {single.DESCRIPTOR.name}: {exc}") from None
+        if kind != "batch":
             raise bus.Reject(f"unknown event subject {msg.subject!r}")
         try:
-            parsed = proto.FromString(msg.data)
+            batch = events_pb2.EventBatch.FromString(msg.data)
         except DecodeError as exc:
-            raise bus.Reject(f"cannot decode {proto.DESCRIPTOR.name}: {exc}") from None
-        if reason := validate(parsed):
-            raise bus.Reject(reason)
-        try:
-            return event.from_proto(parsed)
-        except ValueError as exc:
-            raise bus.Reject(str(exc)) from None
+            raise bus.Reject(f"cannot decode EventBatch: {exc}") from None
+        events, bad = [], []
+        for index, entry in enumerate(batch.events):
+            which = entry.WhichOneof("kind")
+            try:
+                if which is None:
+                    raise bus.Reject("batch entry is neither an impression nor an action")
+                events.append(parse_event(getattr(entry, which)))
+            except bus.Reject as rej:
+                bad.append((index, entry.SerializeToString(), rej.reason))
+        return events, bad
 
     async def _on_batch(self, part: PartitionJoin, msgs: list[Msg]) -> list[bus.Outcome]:
         async with part.lock:
-            outcomes, produced = [], []
+            outcomes, produced, parents = [], [], []
+            join = part.join
             for msg in msgs:
                 try:
-                    ev = self._event(msg)
+                    events, bad = self._events(msg)
                 except bus.Reject as rej:
                     await part.loop.reject(msg, rej.reason)
+                    self.invalid_events += 1
                     outcomes.append(bus.Outcome.DEFER)
                     continue
-                join = part.join
-                joined = join.on_impression(ev) if isinstance(ev, ImpressionEvent) else join.on_action(ev)
-                produced.append((msg.headers, joined))
+                for index, data, reason in bad:
+                    logger.warning(
+                        "event rejected", extra={"subject": msg.subject, "index": index, "reason": reason}
+                    )
+                    await bus.dead_letter(self.js, "events", msg, reason, part=index, data=data)
+                    self.invalid_events += 1
+                before = len(produced)
+                for ev in events:
+                    produced += join.on_impression(ev) if type(ev) is ImpressionEvent else join.on_action(ev)
+                if len(produced) > before and msg.headers:
+                    parents.append(msg.headers)
                 outcomes.append(bus.Outcome.ACK)
-            produced.append((None, part.join.advance(bus.now_ms())))
-            await self._publish(part, produced)
-            part.join.commit()
-        return outcomes  # acknowledged by the loop only now, after the commit
+            produced += join.advance(bus.now_ms())
+            await self._emit(part, produced, parents)
+        return outcomes  # acknowledged by the loop only now, after the samples were
 
     async def _tick_forever(self, part: PartitionJoin) -> None:
         """Advances the watermark without events, so windows close when traffic stops."""
@@ -204,26 +258,60 @@ class JoinerService(NatsMixin, Service):
             async with part.lock:
                 fired = part.join.advance(bus.now_ms())
                 if fired:
-                    await self._publish(part, [(None, fired)])
-                    part.join.commit()
+                    await self._emit(part, fired, [])
 
-    async def _publish(self, part: PartitionJoin, produced: list[tuple[dict | None, list[JoinedSample]]]) -> None:
-        """Publishes samples to ``samples.<partition>`` concurrently and waits for every acknowledgement."""
-        tasks = []
-        for headers, samples in produced:
-            parent = telemetry.extract_headers(headers)
-            for joined in samples:
-                tasks.append(self._publish_one(part.partition, joined, parent))
-        if tasks:
-            await asyncio.gather(*tasks)
-            self.samples_published += len(tasks)
-
-    async def _publish_one(self, partition: int, joined: JoinedSample, parent) -> None:
-        subject = f"samples.{partition}"
-        # The event that produced the sample is the parent, so its trace continues through training.
+    async def _emit(self, part: PartitionJoin, produced: list[JoinedSample], parents: list[dict]) -> None:
+        """Stages the samples in the outbox, commits, publishes them and waits for every acknowledgement."""
+        size = self.config.samples_per_message
+        staged = []  # (seq, data, samples)
+        for i in range(0, len(produced), size):
+            chunk = produced[i : i + size]
+            data = encode_sample_arrays(joined_arrays(chunk))
+            staged.append((part.join.stage_output(data), data, len(chunk)))
+        part.join.commit()
+        if not staged:
+            return
+        contexts = [telemetry.extract_headers(h) for h in parents]
+        # The first event that produced samples is the parent, so its trace continues through training;
+        # the other events of the batch are linked.
         with tracer.start_as_current_span(
-            "join_sample", context=parent, attributes={"label": joined.label_vector[0], "version": joined.version}
+            "join_batch",
+            context=contexts[0] if contexts else None,
+            links=telemetry.links_from(parents[1:]),
+            attributes={"samples": len(produced), "partition": part.partition},
         ):
-            await bus.publish(
-                self.js, subject, encode_samples([to_sample(joined)]), msg_id=f"s:{joined.sample_id}"
-            )
+            await asyncio.gather(*(self._deliver(part, seq, data) for seq, data, _ in staged))
+        self.samples_published += sum(n for _, _, n in staged)
+
+    async def _deliver(self, part: PartitionJoin, seq: int, data: bytes) -> None:
+        await bus.publish(self.js, f"samples.{part.partition}", data, msg_id=self._msg_id(part, seq))
+        part.join.output_delivered(seq)
+
+    def _msg_id(self, part: PartitionJoin, seq: int) -> str:
+        return f"sb:{part.partition}:{part.join.epoch}:{seq}"
+
+    async def _recover_outbox(self, part: PartitionJoin) -> None:
+        """Publishes the outputs committed before a crash that the SAMPLES stream does not hold yet."""
+        pending = part.join.pending_outputs()
+        if not pending:
+            return
+        delivered = 0
+        try:
+            last = await self.js.get_last_msg(bus.SAMPLES.name, f"samples.{part.partition}")
+            prefix = self._msg_id(part, 0)[:-1]
+            last_id = (last.headers or {}).get(bus.MSG_ID, "")
+            if last_id.startswith(prefix) and last_id[len(prefix) :].isdigit():
+                delivered = int(last_id[len(prefix) :])
+        except NotFoundError:
+            pass
+        for seq, data in pending:
+            if seq > delivered:
+                await self._deliver(part, seq, data)
+                self.outputs_republished += 1
+            else:
+                part.join.output_delivered(seq)
+        part.join.commit()
+        logger.info(
+            "outbox recovered",
+            extra={"partition": part.partition, "pending": len(pending), "republished": self.outputs_republished},
+        )

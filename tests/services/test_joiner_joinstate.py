@@ -133,12 +133,17 @@ def test_reopening_rocks_state_restores_every_committed_change(tmp_path: Path):
         s.put_buffer(KEYS[1], actions(KEYS[1], 2))
         s.add_timer(Timer(9, TimerKind.ORPHAN, KEYS[1]))
         s.save_meta(JoinMeta(20, 10, {"actions": 2}))
+        s.put_outbox(7, b"out")
         s.commit()
     with RocksJoinState(path) as s:
         assert s.get_window(KEYS[0]) == record(KEYS[0], 3)
         assert s.get_buffer(KEYS[1]) == actions(KEYS[1], 2)
         assert s.load_meta() == JoinMeta(20, 10, {"actions": 2})
-        assert s.pop_due(9) == [Timer(9, TimerKind.ORPHAN, KEYS[1])]
+        assert s.outbox() == [(7, b"out")]
+        # Timers are process memory; the windows and buffers they follow from are listed for EventJoin.
+        assert s.pop_due(9) == []
+        assert list(s.windows()) == [(KEYS[0], 130, True)]
+        assert list(s.buffers()) == [(KEYS[1], actions(KEYS[1], 2))]
 
 
 def test_changes_after_the_last_commit_are_lost_when_closed_like_a_crash(tmp_path: Path):
@@ -154,7 +159,7 @@ def test_changes_after_the_last_commit_are_lost_when_closed_like_a_crash(tmp_pat
     with RocksJoinState(path) as s:
         assert s.get_window(KEYS[0]) == record(KEYS[0], 1) and s.get_window(KEYS[1]) is None
         assert s.load_meta() is None
-        assert s.pop_due(5) == [Timer(1, TimerKind.CLOSE, KEYS[0])]
+        assert [key for key, _, _ in s.windows()] == [KEYS[0]]
 
 
 def test_closed_rocks_state_refuses_use_naming_its_path(tmp_path: Path):
@@ -241,9 +246,33 @@ def test_rocks_state_behaves_like_a_dict_model_across_commits_crashes_and_reopen
                         committed = copy.deepcopy(model)
                     s.close()
                     model = copy.deepcopy(committed)
+                    model["t"] = set()  # timers are process memory (EventJoin rebuilds them)
                     s = open_state()
                 assert {k: s.get_window(k) for k in KEYS} == {k: model["w"].get(k) for k in KEYS}
                 assert {k: s.get_buffer(k) for k in KEYS} == {k: model["b"].get(k, ()) for k in KEYS}
             assert s.pop_due(10**6) == sorted(model["t"], key=_order)
+            stored = {key: value for key, value in model["w"].items() if value is not None}
+            assert {key: (close, closed) for key, close, closed in s.windows()} == {
+                key: (r.close_ms, r.closed) for key, r in stored.items()
+            }
+            assert dict(s.buffers()) == {key: value for key, value in model["b"].items() if value}
         finally:
             s.close()
+
+
+def test_event_join_reopened_on_rocks_rebuilds_close_forget_and_orphan_timers(tmp_path: Path):
+    config = JoinConfig(window_ms=100, allowed_lateness_ms=0, retention_ms=50, idle_timeout_ms=1)
+    path = str(tmp_path / "join")
+    with RocksJoinState(path) as s:
+        join = EventJoin(config, s)
+        join.on_impression(ImpressionEvent("old", 1, 1, 0, 0))  # closes at 100, forgotten at 150
+        join.on_action(ActionEvent("early", 2, ActionType.CLICK, 1.0, 60))  # buffered until 160
+        join.on_impression(ImpressionEvent("open", 1, 3, 0, 110))  # watermark 110: "old" closed
+        join.commit()
+    with RocksJoinState(path) as s:
+        join = EventJoin(config, s)
+        assert join.on_impression(ImpressionEvent("later", 1, 4, 0, 155)) == []  # fires FORGET of "old"
+        assert join.counters["forgotten_keys"] == 1
+        fired = join.on_impression(ImpressionEvent("last", 1, 5, 0, 215))  # CLOSE "open", ORPHAN "early"
+        assert [x.sample_id for x in fired] == ["open:3:v1"]
+        assert join.counters["orphan_actions"] == 1
