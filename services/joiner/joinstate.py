@@ -59,9 +59,14 @@ class ActionType(IntEnum):
     DWELL = 4
 
 
-@dataclass(frozen=True)
-class ImpressionEvent:
-    """One item shown for one request. ``context`` is sorted (slot, value) pairs, so events are hashable."""
+_ACTION_TYPES = {int(t): t for t in ActionType}
+
+
+class ImpressionEvent(NamedTuple):
+    """One item shown for one request. ``context`` is sorted (slot, value) pairs, so events are hashable.
+
+    Events, window records and timers are named tuples: the join creates several per event.
+    """
 
     request_id: str
     user_id: int
@@ -82,12 +87,11 @@ class ImpressionEvent:
             item_id=msg.item_id,
             position=msg.position,
             event_time_ms=msg.event_time_ms,
-            context=tuple(sorted(msg.context.items())),
+            context=tuple(sorted(msg.context.items())) if len(msg.context) else (),
         )
 
 
-@dataclass(frozen=True)
-class ActionEvent:
+class ActionEvent(NamedTuple):
     """One user action on an impressed item; ``value`` is dwell seconds for DWELL, ignored otherwise."""
 
     request_id: str
@@ -103,17 +107,15 @@ class ActionEvent:
     @classmethod
     def from_proto(cls, msg: events_pb2.Action) -> ActionEvent:
         """Raises ValueError for ``ACTION_TYPE_UNSPECIFIED`` or a type this code does not know."""
-        try:
-            kind = ActionType(msg.type)
-        except ValueError:
-            raise ValueError(f"action type {msg.type} is not one of {[t.name for t in ActionType]}") from None
+        kind = _ACTION_TYPES.get(msg.type)
+        if kind is None:
+            raise ValueError(f"action type {msg.type} is not one of {[t.name for t in ActionType]}")
         return cls(msg.request_id, msg.item_id, kind, float(msg.value), msg.event_time_ms)
 
 
 class WindowRecord(NamedTuple):
     """The join of one impression: open until the watermark reaches ``close_ms``, then a tombstone.
 
-    A named tuple (it is created and changed several times per event; ``_replace`` makes changed copies).
 
     Attributes:
         impression: the accepted impression.
@@ -144,6 +146,7 @@ def _i64(value: int) -> bytes:
     return (value + _OFFSET).to_bytes(8, "big")
 
 
+@lru_cache(maxsize=1 << 18)  # a key is encoded about six times over its window's life
 def encode_key(key: Key) -> bytes:
     return (key[1] + _OFFSET).to_bytes(8, "big") + key[0].encode()
 
