@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from freshet.fids import SLOT_ITEM, SLOT_POSITION, SLOT_USER, VALUE_BITS
-from services.trainer.models import (
+from freshet.models import (
     TASKS,
     CtrModel,
     ModelConfig,
