@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from freshet.clients import ShardedStoreClient
-from freshet.delta import Delta
 from freshet.natsserver import free_port
-from services.predictor.replica import Replica
+from services.predictor.replica import RowMap
 from services.store.optimizers import RowwiseAdagradConfig
 from services.store.tables import TableSpec
 from services.store.tiered import TieredTable
@@ -112,9 +111,8 @@ def bench_in_process(n_ids: int, dim: int, cache_rows: int, rng: np.random.Gener
     out["bytes_per_row_training"] = table.bytes_per_row()
     out["bytes_per_row_target"] = 1.25 * (dim * 4 + state_bytes) + 24
     out["device_cache_bytes_per_row"] = table.cache.nbytes() / len(ids)
-    replica = Replica(dim)
-    values = rng.normal(0, 0.1, (len(ids), dim)).astype(np.float32)
-    replica.apply(Delta("m", "bench", 0, 1, 0, 1, ids, values))
+    replica = RowMap(dim)
+    replica.put(ids, rng.normal(0, 0.1, (len(ids), dim)).astype(np.float32))
     out["bytes_per_row_serving_fp32"] = replica.nbytes() / len(ids)
     return out, ranked
 

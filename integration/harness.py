@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import AsyncExitStack
 
 import numpy as np
@@ -35,7 +36,8 @@ class Pipeline:
     async def __aenter__(self) -> Pipeline:
         enter = self._stack.enter_async_context
         b = self.bus_config
-        self.store = await enter(StoreService(StoreConfig(port=0)))
+        data_dir = self._stack.enter_context(tempfile.TemporaryDirectory())
+        self.store = await enter(StoreService(StoreConfig(port=0, data_dir=data_dir)))
         addr = self.store.address
         self.predictor = await enter(PredictorService(PredictorConfig(port=0), b))
         self.validator = await enter(ValidatorService(ValidatorConfig(), b))

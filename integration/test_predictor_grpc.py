@@ -11,7 +11,6 @@ from freshet.clients import PredictorClient
 from freshet.config import BusConfig
 from freshet.delta import Delta, decision_subject, delta_subject
 from freshet.fids import example_fids
-from freshet.fm import fm_logits, sigmoid
 from freshet.model.v1 import model_pb2
 from freshet.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from freshet.tensors import to_tensor
@@ -69,7 +68,11 @@ def _expected_scores(deltas: list[Delta]) -> np.ndarray:
         bias = float(delta.dense["bias"][0])
     fids = example_fids(_USER, _ITEMS, 0)
     table = np.stack([rows.get(f, np.zeros(_ROW_DIM, np.float32)) for f in fids.reshape(-1).tolist()])
-    return sigmoid(fm_logits(table.reshape(*fids.shape, _ROW_DIM), bias))
+    table = table.reshape(*fids.shape, _ROW_DIM).astype(np.float64)
+    # The default model: an FM over the user, item and position fields (one fid each).
+    linear, factors = table[..., 0].sum(axis=1), table[..., 1:]
+    pairwise = 0.5 * ((factors.sum(axis=1) ** 2) - (factors**2).sum(axis=1)).sum(axis=1)
+    return 1.0 / (1.0 + np.exp(-(bias + linear + pairwise)))
 
 
 async def _publish(js, delta: Delta, decision: int, sequence: int | None = None) -> None:

@@ -12,6 +12,7 @@ from freshet.clients import StoreClient
 from freshet.config import BusConfig
 from freshet.fids import example_fids
 from freshet.model.v1 import model_pb2
+from freshet.models import ModelConfig
 from freshet.tensors import from_tensor
 from freshet.testing import assert_eventually
 from services.store.config import StoreConfig
@@ -29,7 +30,7 @@ async def store():
 
 @pytest.fixture
 async def trainer(nats_url, store, js):
-    config = TrainerConfig(store_address=store.address, dense_interval_s=0.05)
+    config = TrainerConfig(store_address=store.address, dense_interval_s=0.05, checkpoint_s=0)
     async with TrainerService(config, BusConfig(nats_url=nats_url)) as service:
         yield service
 
@@ -91,6 +92,8 @@ async def test_trainer_publishes_a_dense_snapshot_on_dense_model_subject(trainer
     assert snap.step >= 1 and snap.samples_trained >= 6
     bias = from_tensor(snap.params["bias"], np.float32, 1, "bias")
     assert bias.shape == (1,)
+    assert snap.stream_seq == 1  # the sample message it has learnt from
+    assert ModelConfig.from_json(snap.model_config) == ModelConfig()
 
 
 async def test_a_malformed_sample_message_is_dead_lettered_and_later_samples_still_train(trainer, js):
@@ -112,14 +115,15 @@ async def test_a_malformed_sample_message_is_dead_lettered_and_later_samples_sti
     await bus.publish(js, "samples.0", encode_samples(_samples(rng, 7, "after")))
 
     await assert_eventually(lambda: trainer.learner.samples_trained == 16, message="later samples trained")
-    assert trainer.loop.stats["dead_lettered"] == 1
+    info = await js.stream_info("DEADLETTER")
+    assert info.state.messages == 1
 
 
 async def test_trainer_stops_with_an_error_when_the_store_table_has_the_wrong_row_dim(nats_url, store):
-    config = TrainerConfig(store_address=store.address, factors=4)
+    config = TrainerConfig(store_address=store.address, model_config='{"kind": "fm", "dim": 4}', checkpoint_s=0)
     async with TrainerService(config, BusConfig(nats_url=nats_url)) as trainer:
         await assert_eventually(lambda: trainer.stopping.is_set(), message="trainer stopped itself")
 
     assert isinstance(trainer.failed, ValueError)
-    assert "has dim 9, the model needs 5" in str(trainer.failed)
+    assert "needs store table 'fm' with rows of 5 floats, the store has 9" in str(trainer.failed)
     assert trainer.learner.samples_trained == 0

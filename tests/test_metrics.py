@@ -89,3 +89,21 @@ def test_an_empty_update_leaves_mean_log_loss_unchanged():
     metrics.update(np.array([0.8]), np.array([1.0]))
     metrics.update(np.array([]), np.array([]))
     assert metrics.mean_log_loss() == pytest.approx(-math.log(0.8))
+
+
+def test_binned_overall_auc_matches_exact_auc_and_tail_auc_uses_the_end():
+    rng = np.random.default_rng(5)
+    labels = (rng.random(5000) < 0.3).astype(float)
+    scores = np.clip(0.3 * labels + rng.random(5000) * 0.7, 0, 1)
+    m = ProgressiveMetrics(window=1000, record=True)
+    for i in range(0, 5000, 500):
+        m.update(scores[i : i + 500], labels[i : i + 500])
+    assert m.auc() == pytest.approx(auc(scores, labels), abs=1e-4)
+    assert m.window_auc() == pytest.approx(auc(scores[-1000:], labels[-1000:]))
+    assert m.tail_auc(0.8) == pytest.approx(auc(scores[1000:], labels[1000:]))
+    assert m.window_log_loss() == pytest.approx(log_loss(scores[-1000:], labels[-1000:]))
+
+
+def test_tail_auc_needs_recording():
+    with pytest.raises(ValueError, match="record=True"):
+        ProgressiveMetrics().tail_auc(0.8)

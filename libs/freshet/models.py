@@ -22,7 +22,7 @@ A trainer step with the store::
 
 Fields: each slot in ``ModelConfig.fields`` is one field; fids of every other slot are sum-pooled
 into one extra "other" field, always the last. Pairwise terms (FM, DLRM) act between field vectors,
-so, unlike ``freshet.fm``'s per-fid FM, two fids of one field do not interact. Rows of a fid
+so two fids of one field do not interact (an FM over fields, as in DeepFM). Rows of a fid
 (all float32):
 
     lr          [w]                   one first-order weight
@@ -42,6 +42,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -373,7 +374,8 @@ def plan(fids: np.ndarray, lengths: np.ndarray, config: ModelConfig) -> BatchPla
         bags = samples * config._slot_bag_k[slots] + config._slot_position[slots]
 
     # torch's stable (radix) sort of int64 beats numpy's argsort; cumsum to int32 avoids numpy's slow bool->int64.
-    ordered_t, order_t = torch.sort(torch.from_numpy(fids), stable=True)
+    # (A read-only array, e.g. one decoded from a message, is copied: torch cannot wrap it.)
+    ordered_t, order_t = torch.sort(torch.from_numpy(fids if fids.flags.writeable else fids.copy()), stable=True)
     ordered, order = ordered_t.numpy(), order_t.numpy()
     starts = np.empty(total, bool)
     starts[:1] = True
@@ -686,3 +688,19 @@ def loss(
     weights = torch.as_tensor(weights, device=logits.device).to(logits.dtype)
     per_task = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     return (per_task * weights[:, None]).sum()
+
+
+def model_from_setting(text: str) -> ModelConfig:
+    """The model of a ``FRESHET_MODEL_CONFIG`` value: empty (the default model), JSON, or ``@<path>`` of a JSON file.
+
+    The trainer and the predictor read the same variable, so they build the same network.
+    """
+    text = text.strip()
+    if not text:
+        return ModelConfig()
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise ValueError(f"FRESHET_MODEL_CONFIG names {path}, which is not a file")
+        text = path.read_text()
+    return ModelConfig.from_json(text)

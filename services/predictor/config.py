@@ -14,7 +14,11 @@ class PredictorConfig:
     host: str = env_field("FRESHET_PREDICTOR_HOST", "interface the gRPC server binds", "127.0.0.1")
     port: int = env_field("FRESHET_PREDICTOR_PORT", "gRPC port; 0 picks a free one", 50052)
     model: str = env_field("FRESHET_MODEL", "model served: follows model.<model>.decision", "fm")
-    factors: int = env_field("FRESHET_FM_FACTORS", "FM factor dim k; rows are 1+k floats", 8)
+    model_config: str = env_field(
+        "FRESHET_MODEL_CONFIG",
+        "the model as JSON or @<path> (the trainer's setting); empty: the default model",
+        "",
+    )
     max_candidates: int = env_field(
         "FRESHET_PREDICT_MAX_CANDIDATES", "larger Predict requests get RESOURCE_EXHAUSTED", 2_000
     )

@@ -1,25 +1,69 @@
 """The serving replica: rows and dense parameters of one model at one version.
 
-Deltas are applied synchronously on the event loop, between requests, so each Predict sees
-exactly one version. Unknown fids read the default embedding (zeros).
+The replica scores with the trainer's network (``freshet.models``, built from the same
+``FRESHET_MODEL_CONFIG``): rows per store table, dense parameters from the latest snapshot that
+rode along a delta. Deltas are applied synchronously on the event loop, between requests, so each
+Predict sees exactly one version. Unknown fids read the default embedding (zeros).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from freshet.delta import Delta
-from freshet.fm import fm_logits, sigmoid
+from freshet.models import CtrModel, ModelConfig, plan, pool
+
+
+class RowMap:
+    """Collisionless fid -> row map of one table, with an append-only slab."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._index: dict[int, int] = {}
+        self._slab = np.zeros((1024, width), np.float32)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def put(self, fids: np.ndarray, values: np.ndarray) -> None:
+        if len(fids) and values.shape[1] != self.width:
+            raise ValueError(f"delta rows have {values.shape[1]} floats, the table's rows have {self.width}")
+        rows = np.empty(len(fids), np.int64)
+        index = self._index
+        for i, fid in enumerate(fids.tolist()):
+            row = index.get(fid)
+            if row is None:
+                row = index[fid] = len(index)
+            rows[i] = row
+        if len(index) > len(self._slab):
+            grown = np.zeros((max(len(index), 2 * len(self._slab)), self.width), np.float32)
+            grown[: len(self._slab)] = self._slab
+            self._slab = grown
+        self._slab[rows] = values
+
+    def lookup(self, fids: np.ndarray) -> np.ndarray:
+        """Rows of fids int64 [n] -> float32 [n, width]; unknown fids are zeros."""
+        index = self._index
+        rows = np.fromiter((index.get(f, -1) for f in fids.tolist()), np.int64, len(fids))
+        out = np.zeros((len(fids), self.width), np.float32)
+        known = rows >= 0
+        out[known] = self._slab[rows[known]]
+        return out
+
+    def nbytes(self) -> int:
+        """Approximate bytes held: the slab plus the dict index (about 100 B per entry in CPython)."""
+        return self._slab.nbytes + 100 * len(self._index)
 
 
 class Replica:
-    """Collisionless fid -> row map with an append-only slab."""
+    """Every table of one model plus its dense network."""
 
-    def __init__(self, row_dim: int) -> None:
-        self.row_dim = row_dim
-        self._index: dict[int, int] = {}
-        self._slab = np.zeros((1024, row_dim), np.float32)
-        self.bias = 0.0
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.tables = {name: RowMap(width) for name, width in config.tables().items()}
+        self.model = CtrModel(config, seed=0).eval()
+        self.dense_step = -1
         # Sum over shards of the last delta sequence applied: monotonic, changes exactly when the
         # served state does, and is the delta sequence itself when the store has one shard.
         self.version = 0
@@ -27,28 +71,37 @@ class Replica:
         self.store_versions: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._index)
+        return sum(len(t) for t in self.tables.values())
 
     def apply(self, delta: Delta) -> None:
-        """Overwrites the delta's rows (idempotent) and takes its dense parameters."""
-        if len(delta.fids) and delta.values.shape[1] != self.row_dim:
-            raise ValueError(f"delta rows have dim {delta.values.shape[1]}, replica expects {self.row_dim}")
-        rows = np.empty(len(delta.fids), np.int64)
-        index = self._index
-        for i, fid in enumerate(delta.fids.tolist()):
-            row = index.get(fid)
-            if row is None:
-                row = index[fid] = len(index)
-            rows[i] = row
-        if len(index) > len(self._slab):
-            grown = np.zeros((max(len(index), 2 * len(self._slab)), self.row_dim), np.float32)
-            grown[: len(self._slab)] = self._slab
-            self._slab = grown
-        self._slab[rows] = delta.values
-        if "bias" in delta.dense:
-            self.bias = float(delta.dense["bias"].reshape(-1)[0])
+        """Overwrites the delta's rows (idempotent) and takes its dense parameters.
+
+        Raises:
+            ValueError: an unknown table, rows of the wrong width, or dense parameters that do not fit
+                the model; nothing is applied then.
+        """
+        table = self.tables.get(delta.table)
+        if table is None and len(delta.fids):
+            raise ValueError(f"delta for table {delta.table!r}; this model's tables are {sorted(self.tables)}")
+        if delta.dense:
+            self._load_dense(delta.dense)
+            self.dense_step = delta.dense_step
+        if table is not None:
+            table.put(delta.fids, delta.values)
         self.advance(delta.shard, delta.sequence)
         self.store_versions[delta.shard] = delta.new_version
+
+    def _load_dense(self, dense: dict[str, np.ndarray]) -> None:
+        own = self.model.state_dict()
+        unknown = sorted(set(dense) - set(own))
+        wrong = sorted(k for k in dense if k in own and tuple(own[k].shape) != tuple(np.shape(dense[k])))
+        if unknown or wrong:
+            raise ValueError(
+                f"dense parameters do not fit the model ({self.config.kind}): unknown {unknown}, wrong shape {wrong}"
+            )
+        self.model.load_state_dict(
+            {k: torch.from_numpy(np.array(v, np.float32)) for k, v in dense.items()}, strict=False
+        )
 
     def advance(self, shard: int, sequence: int) -> None:
         """Records that the shard's deltas up to ``sequence`` are applied."""
@@ -58,19 +111,13 @@ class Replica:
             self.version += sequence - previous
 
     def nbytes(self) -> int:
-        """Approximate bytes held: the slab plus the dict index (about 100 B per entry in CPython)."""
-        return self._slab.nbytes + 100 * len(self._index)
-
-    def lookup(self, fids: np.ndarray) -> np.ndarray:
-        """Rows of fids (any shape) -> float32 [..., row_dim]; unknown fids are zeros."""
-        flat = fids.reshape(-1)
-        index = self._index
-        rows = np.fromiter((index.get(f, -1) for f in flat.tolist()), np.int64, len(flat))
-        out = np.zeros((len(flat), self.row_dim), np.float32)
-        known = rows >= 0
-        out[known] = self._slab[rows[known]]
-        return out.reshape(*fids.shape, self.row_dim)
+        return sum(t.nbytes() for t in self.tables.values())
 
     def score(self, fids: np.ndarray) -> np.ndarray:
         """Click probabilities float32 [n] of examples with fids int64 [n, F]."""
-        return sigmoid(fm_logits(self.lookup(fids), self.bias))
+        n, width = fids.shape
+        batch = plan(fids.reshape(-1), np.full(n, width, np.int32), self.config)
+        rows = {name: torch.from_numpy(self.tables[name].lookup(t.fids)) for name, t in batch.tables.items()}
+        with torch.no_grad():
+            logits = self.model(pool(batch, rows))
+        return torch.sigmoid(logits[:, 0]).numpy()

@@ -22,6 +22,7 @@ from freshet.delta import DeltaError, decision_subject, decode_delta
 from freshet.fids import example_fids
 from freshet.grpcutil import BadRequest, strict_service, tensor_arg
 from freshet.model.v1 import model_pb2
+from freshet.models import model_from_setting
 from freshet.predictor.v1 import predictor_pb2
 from freshet.runtime import GrpcServer, NatsMixin, Service
 from freshet.tensors import to_tensor
@@ -43,7 +44,7 @@ class PredictorService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
-        self.replica = Replica(1 + config.factors)
+        self.replica = Replica(model_from_setting(config.model_config))
         self.grpc: GrpcServer | None = None
         self.gaps = 0
         self.rejected = 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from freshet.config import env_field
+from freshet.models import ModelConfig, model_from_setting
+
+START_MODES = ("resume", "first", "new")
 
 
 @dataclass(frozen=True)
@@ -15,12 +18,46 @@ class TrainerConfig:
         "FRESHET_STORE_ADDRESS", "host:port of each embedding store shard, comma separated, in shard order"
     )
     model: str = env_field("FRESHET_MODEL", "model name: subjects dense.<model>, model.<model>.*", "fm")
-    table: str = env_field("FRESHET_TABLE", "embedding store table of the model's rows", "fm")
-    factors: int = env_field("FRESHET_FM_FACTORS", "FM factor dim k (0 = logistic regression); rows are 1+k", 8)
-    dense_lr: float = env_field("FRESHET_DENSE_LR", "Adagrad learning rate of the dense parameters", 0.1)
-    batch_size: int = env_field("FRESHET_TRAIN_BATCH", "max sample messages per training step", 512)
+    model_config: str = env_field(
+        "FRESHET_MODEL_CONFIG",
+        "the model as JSON (ModelConfig fields: kind, dim, fields, deep, tasks, ...), or @<path> of a JSON file; "
+        "empty: the default model",
+        "",
+    )
+    dense_lr: float = env_field("FRESHET_DENSE_LR", "Adagrad learning rate of the dense parameters", 0.05)
+    batch_size: int = env_field("FRESHET_TRAIN_BATCH", "samples per training step at most", 1024)
+    fetch_batch: int = env_field("FRESHET_TRAIN_FETCH", "sample messages fetched at once at most", 64)
     fetch_timeout_s: float = env_field("FRESHET_TRAIN_FETCH_TIMEOUT_S", "max wait to fill a batch", 0.05)
     dense_interval_s: float = env_field("FRESHET_DENSE_INTERVAL_S", "seconds between dense snapshots", 1.0)
+    checkpoint_s: float = env_field(
+        "FRESHET_TRAINER_CHECKPOINT_S",
+        "seconds between exactly-once checkpoints (stream position + store checkpoint + dense state); "
+        "0: at-least-once (the store needs no data dir)",
+        5.0,
+    )
+    start: str = env_field(
+        "FRESHET_TRAINER_START",
+        "without a checkpoint: resume (the durable consumer's position; all samples on first start), "
+        "first (every sample in the stream), new (only samples arriving from now), or seq:<n>",
+        "resume",
+    )
+    replay: str = env_field(
+        "FRESHET_TRAINER_REPLAY",
+        "<format>:<path> of a dataset (see freshet replay) to train on before the stream: batch, then online",
+        "",
+    )
     durable: str = env_field("FRESHET_TRAINER_DURABLE", "durable consumer on the SAMPLES stream", "trainer")
     subject: str = env_field("FRESHET_TRAINER_SUBJECT", "sample subjects this worker trains on", "samples.>")
     log_interval_s: float = env_field("FRESHET_TRAIN_LOG_INTERVAL_S", "seconds between progress logs", 5.0)
+    metrics_window: int = env_field("FRESHET_TRAIN_METRICS_WINDOW", "samples in the sliding-window AUC", 10_000)
+    seed: int = env_field("FRESHET_TRAIN_SEED", "seed of the dense initialisation", 0)
+
+    def __post_init__(self) -> None:
+        if self.start not in START_MODES and not (self.start.startswith("seq:") and self.start[4:].isdigit()):
+            raise ValueError(f"FRESHET_TRAINER_START must be one of {START_MODES} or seq:<n>, got {self.start!r}")
+        if self.batch_size <= 0 or self.fetch_batch <= 0:
+            raise ValueError("FRESHET_TRAIN_BATCH and FRESHET_TRAIN_FETCH must be positive")
+
+    def model_spec(self) -> ModelConfig:
+        """The configured model (``FRESHET_MODEL_CONFIG``), or the default one."""
+        return model_from_setting(self.model_config)

@@ -1,28 +1,57 @@
-"""The trainer: samples -> pull rows -> forward/backward -> push sparse grads -> dense step.
+"""The trainer: samples -> pull rows -> forward/backward -> push sparse gradients -> dense step.
 
-Progressive validation: each batch is scored before the model learns from it. Sample
-messages are acknowledged only after their gradients were applied by the store (at least
-once; a crash between Push and ack retrains the batch — exactly-once is issue #5's work).
+One worker for batch and online training: it first trains on a dataset file (``FRESHET_TRAINER_REPLAY``)
+or on the history in the SAMPLES stream (``FRESHET_TRAINER_START=first``), then keeps following the
+stream, through the same code path.
+
+Pipelining
+    While batch k is computed (forward/backward in a worker thread, so the event loop keeps serving
+    gRPC), batch k+1 is fetched, planned and its rows pulled. Batch k+1 therefore reads rows before
+    batch k's gradients were pushed (a staleness of one step, as in Monolith and PERSIA).
+
+Progressive validation
+    Every batch is scored before the model learns from it; AUC and log loss over everything and over a
+    sliding window are logged and kept in ``learner.metrics`` (version-1 samples only: later versions of
+    a sample are label updates, see below).
+
+Label updates
+    The joiner emits version 2, 3, ... of a sample when more action types arrive. The click label of an
+    impression is decided by its first version, so later versions train every task except click (their
+    click label was already learnt).
+
+Exactly once (``FRESHET_TRAINER_CHECKPOINT_S`` > 0)
+    Every few seconds the trainer writes its state (dense parameters, dense optimizer, counters and the
+    stream sequence of the last trained sample) to the JetStream object store ``FRESHET_TRAINER`` as
+    ``<durable>.next``, checkpoints every store shard with the tag ``<durable>@<seq>``, then copies the
+    state to ``<durable>.last``. On start it finds the state whose tag every shard reports, rolls every
+    shard back to that checkpoint (undoing pushes made after it) and consumes the stream from the next
+    sequence, so no sample is trained twice or skipped across a crash of the trainer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 import time
+from dataclasses import dataclass, field, replace
 
 import grpc
+import nats
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 
 from freshet import bus, telemetry
 from freshet.batches import SampleArrays, decode_samples
 from freshet.clients import ShardedStoreClient
 from freshet.config import BusConfig
-from freshet.fm import FactorizationMachine, FMConfig, segment_ids
 from freshet.metrics import ProgressiveMetrics
 from freshet.model.v1 import model_pb2
+from freshet.models import TASKS, CtrModel, ModelConfig, plan, pool
 from freshet.runtime import NatsMixin, Service
 from freshet.tensors import TensorError, to_tensor
 from services.trainer.config import TrainerConfig
@@ -30,57 +59,152 @@ from services.trainer.config import TrainerConfig
 logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
+STATE_BUCKET = "FRESHET_TRAINER"
+
+
+@dataclass
+class Prepared:
+    """A batch with its pooling plan and the rows pulled for it."""
+
+    batch: SampleArrays
+    plan: object
+    rows: dict[str, np.ndarray]
+
+
+@dataclass
+class Computed:
+    probs: np.ndarray  # click probability before training, float32 [B]
+    grads: dict[str, np.ndarray]
+    loss: float
+
 
 class Learner:
-    """The training step, independent of NATS so it can be tested against a store directly."""
+    """The training step, independent of NATS so it can be driven by a stream, a file or a test."""
 
-    def __init__(self, config: TrainerConfig, store: ShardedStoreClient) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        store: ShardedStoreClient,
+        dense_lr: float,
+        seed: int = 0,
+        metrics_window: int = 10_000,
+    ) -> None:
         self.config = config
         self.store = store
-        self.model = FactorizationMachine(FMConfig(config.factors))
-        self.optimizer = torch.optim.Adagrad(self.model.parameters(), lr=config.dense_lr)
-        self.metrics = ProgressiveMetrics()
+        self.model = CtrModel(config, seed=seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adagrad(params, lr=dense_lr) if params else None
+        self.metrics = ProgressiveMetrics(window=metrics_window)
         self.step = 0
         self.samples_trained = 0
+        self._task_columns = [TASKS.index(t) for t in config.tasks]
 
-    async def learn(self, batch: SampleArrays) -> np.ndarray:
-        """Scores the batch, then trains on it; returns the pre-training probabilities float32 [B]."""
-        unique, inverse = np.unique(batch.fids, return_inverse=True)
-        rows_np = await self.store.pull(self.config.table, unique)
-        rows = torch.from_numpy(rows_np.copy()).requires_grad_(True)
-        segments = torch.from_numpy(segment_ids(batch.lengths))
-        logits = self.model(rows, torch.from_numpy(inverse.astype(np.int64)), segments, len(batch))
-        labels = torch.from_numpy(batch.labels.astype(np.float32))
-        weights = torch.from_numpy(batch.weights.astype(np.float32))
-        # Summed (not averaged) loss: each sample's gradient counts the same whatever the batch size.
-        loss = (
-            torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weights
-        ).sum()
-        self.optimizer.zero_grad()
+    async def prepare(self, batch: SampleArrays) -> Prepared:
+        """Plans the batch and pulls its rows from every table concurrently."""
+        batch_plan = plan(batch.fids, batch.lengths, self.config)
+        names = [name for name, t in batch_plan.tables.items() if len(t.fids)]
+        pulled = await asyncio.gather(*(self.store.pull(name, batch_plan.tables[name].fids) for name in names))
+        return Prepared(batch, batch_plan, dict(zip(names, pulled, strict=True)))
+
+    def compute(self, prep: Prepared) -> Computed:
+        """Scores the batch (progressive validation), then backward and the dense optimizer step."""
+        batch = prep.batch
+        rows = {}
+        for name, table in prep.plan.tables.items():
+            values = prep.rows.get(name)
+            tensor = torch.from_numpy(values) if values is not None else torch.zeros((0, table.width))
+            rows[name] = tensor.requires_grad_(True)
+        logits = self.model(pool(prep.plan, rows))
+        probs = torch.sigmoid(logits[:, 0]).detach().numpy()
+        first = batch.versions <= 1
+        self.metrics.update(probs[first], batch.label_vectors[first, self._task_columns[0]])
+        loss = self._loss(logits, batch)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
         loss.backward()
-        probs = torch.sigmoid(logits).detach().numpy()
-        self.metrics.update(probs, batch.labels)
-        await self.store.push(self.config.table, unique, rows.grad.numpy())
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        grads = {name: r.grad.numpy() for name, r in rows.items() if name in prep.rows and r.grad is not None}
         self.step += 1
         self.samples_trained += len(batch)
-        return probs
+        return Computed(probs, grads, float(loss.detach()))
 
-    def dense_snapshot(self) -> model_pb2.DenseSnapshot:
+    def _loss(self, logits: torch.Tensor, batch: SampleArrays) -> torch.Tensor:
+        """Weighted BCE summed over samples and tasks; label updates (version > 1) skip the click task."""
+        labels = torch.from_numpy(np.ascontiguousarray(batch.label_vectors[:, self._task_columns]))
+        weights = torch.from_numpy(batch.weights.astype(np.float32))[:, None].expand_as(labels).clone()
+        if "click" in self.config.tasks and (batch.versions > 1).any():
+            weights[torch.from_numpy(batch.versions > 1), self.config.tasks.index("click")] = 0.0
+        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.clamp(0, 1), reduction="none")
+        return (per * weights).sum()
+
+    async def push(self, prep: Prepared, computed: Computed) -> None:
+        await asyncio.gather(
+            *(self.store.push(name, prep.plan.tables[name].fids, grad) for name, grad in computed.grads.items())
+        )
+
+    async def learn(self, batch: SampleArrays) -> np.ndarray:
+        """One unpipelined step; returns the click probabilities before training."""
+        prep = await self.prepare(batch)
+        computed = self.compute(prep)
+        await self.push(prep, computed)
+        return computed.probs
+
+    def state_bytes(self, position: int) -> bytes:
+        """Dense parameters, optimizer and counters as of ``position`` (the last trained stream sequence)."""
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "position": position,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "step": self.step,
+                "samples_trained": self.samples_trained,
+                "config": self.config.to_json(),
+            },
+            buffer,
+        )
+        return buffer.getvalue()
+
+    def load_state(self, data: bytes) -> int:
+        """Restores ``state_bytes``; returns its position."""
+        state = torch.load(io.BytesIO(data), weights_only=False)
+        if state["config"] != self.config.to_json():
+            raise ValueError(
+                f"the checkpointed model config {state['config']} differs from the configured {self.config.to_json()}"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.samples_trained = state["step"], state["samples_trained"]
+        return int(state["position"])
+
+    def dense_snapshot(self, model: str, position: int) -> model_pb2.DenseSnapshot:
         params = {
-            name: to_tensor(p.detach().numpy().astype(np.float32)) for name, p in self.model.named_parameters()
+            name: to_tensor(p.detach().numpy().astype(np.float32)) for name, p in self.model.state_dict().items()
         }
         return model_pb2.DenseSnapshot(
-            model=self.config.model,
+            model=model,
             step=self.step,
             params=params,
             samples_trained=self.samples_trained,
             created_ms=bus.now_ms(),
+            stream_seq=position,
+            model_config=self.config.to_json(),
         )
 
 
+@dataclass
+class Fetched:
+    """Sample messages fetched together, decoded; ``last_seq`` is the stream sequence of the last one."""
+
+    msgs: list[Msg]
+    batches: list[SampleArrays] = field(default_factory=list)
+    last_seq: int = 0
+
+
 class TrainerService(NatsMixin, Service):
-    """One training worker on a durable consumer of the SAMPLES stream."""
+    """One training worker on a durable consumer of the SAMPLES stream (see the module docstring)."""
 
     name = "trainer"
 
@@ -88,88 +212,247 @@ class TrainerService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
+        self.model_config = config.model_spec()
         self.store = ShardedStoreClient([a.strip() for a in config.store_address.split(",") if a.strip()])
-        self.learner = Learner(config, self.store)
+        self.learner = Learner(
+            self.model_config, self.store, config.dense_lr, seed=config.seed, metrics_window=config.metrics_window
+        )
+        self.position = 0  # stream sequence of the last sample message trained
+        self.resumed_from: int | None = None
+        self.checkpoints = 0
         self._last_dense = 0.0
         self._last_dense_step = -1
         self._last_log = time.monotonic()
+        self._last_checkpoint = time.monotonic()
+        self._state_store = None
 
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-trainer")
-        spec = bus.ConsumerSpec(
-            stream=bus.SAMPLES.name,
-            durable=self.config.durable,
-            filter_subject=self.config.subject,
-            max_ack_pending=max(10_000, 4 * self.config.batch_size),
-            # A failed step is the store's or the network's fault, never the sample's: retry forever.
-            # Samples that cannot be decoded are dead-lettered by the handler instead.
-            max_deliver=-1,
-        )
-        self.loop = bus.PullLoop(
-            self.js,
-            spec,
-            handler=self._on_batch,
-            source="samples",
-            batch=self.config.batch_size,
-            fetch_timeout_s=self.config.fetch_timeout_s,
-        )
-        self.spawn(self._check_table_then_train(), "trainer-consume")
-
-    async def _check_table_then_train(self) -> None:
-        await self._check_table()
-        await self.loop.run(self.stopping)
+        self.spawn(self._run(), "trainer-run")
 
     async def _stop(self) -> None:
         await self._drain_nats()
         await self.store.close()
 
-    async def _check_table(self) -> None:
-        """Fails at start-up when the store's table cannot hold this model's rows."""
-        want = 1 + self.config.factors
+    async def _run(self) -> None:
+        if not await self._check_tables():
+            return
+        start = await self._resume()
+        if self.config.replay:
+            await self._train_file(self.config.replay)
+        spec = bus.ConsumerSpec(
+            stream=bus.SAMPLES.name,
+            durable=self.config.durable,
+            filter_subject=self.config.subject,
+            max_ack_pending=max(10_000, 4 * self.config.fetch_batch),
+            max_deliver=-1,  # a failed step is the store's or the network's fault; junk is dead-lettered
+        )
+        spec = await self._position_consumer(spec, start)
+        await bus.declare_consumer(self.js, spec)
+        self.sub = await self.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+        await self._train_stream()
+
+    # -- start-up ------------------------------------------------------------------------------------
+
+    async def _check_tables(self) -> bool:
+        """Fails at start-up when the store's tables cannot hold this model's rows."""
         while True:
             try:
                 described = await self.store.describe()
                 break
             except grpc.aio.AioRpcError as exc:
                 if self.stopping.is_set():
-                    return
+                    return False
                 logger.warning("store not reachable yet", extra={"code": exc.code().name})
+                await asyncio.sleep(0.2)
         shards = {d.num_shards for d in described}
         if shards != {len(described)}:
             raise ValueError(
                 f"FRESHET_STORE_ADDRESS lists {len(described)} shards, the store says {sorted(shards)}"
             )
-        tables = {t.name: t.dim for t in described[0].tables}
-        if tables.get(self.config.table) != want:
-            raise ValueError(
-                f"store table {self.config.table!r} has dim {tables.get(self.config.table)}, the model needs {want} "
-                f"(FRESHET_TABLE / FRESHET_FM_FACTORS vs FRESHET_STORE_TABLES); tables: {tables}"
-            )
+        have = {t.name: t.dim for t in described[0].tables}
+        for name, width in self.model_config.tables().items():
+            if have.get(name) != width:
+                raise ValueError(
+                    f"the model needs store table {name!r} with rows of {width} floats, the store has "
+                    f"{have.get(name)} (FRESHET_MODEL_CONFIG vs FRESHET_STORE_TABLES); store tables: {have}"
+                )
+        return True
 
-    async def _on_batch(self, msgs: list[Msg]) -> list[bus.Outcome]:
-        parts, outcomes, good = [], [], []
-        for msg in msgs:
+    async def _resume(self) -> int | None:
+        """The stream sequence to start from after a checkpoint (store rolled back to it), or None."""
+        if self.config.checkpoint_s <= 0:
+            return None
+        try:
+            self._state_store = await self.js.object_store(STATE_BUCKET)
+        except BucketNotFoundError:
+            self._state_store = await self.js.create_object_store(STATE_BUCKET)
+        states = {}
+        for which in ("next", "last"):
             try:
-                parts.append(decode_samples(msg.data))
-                good.append(msg)
-                outcomes.append(bus.Outcome.ACK)
-            except (DecodeError, TensorError, ValueError) as exc:
-                await self.loop.reject(msg, f"malformed SampleBatch: {exc}")
-                outcomes.append(bus.Outcome.DEFER)
-        if parts:
-            batch = SampleArrays.concat(parts)
-            links = telemetry.links_from(m.headers for m in good)
-            with tracer.start_as_current_span("train_batch", links=links, attributes={"samples": len(batch)}):
-                await self.learner.learn(batch)
+                states[which] = (await self._state_store.get(f"{self.config.durable}.{which}")).data
+            except ObjectNotFoundError:
+                pass
+        if not states:
+            return None
+        tags = {t.checkpoint_tag for d in await self.store.describe() for t in d.tables}
+        for which, data in states.items():
+            tag = self._tag(_position_of(data))
+            if tags == {tag}:
+                await self.store.rollback(expected_tag=tag)
+                self.position = self.learner.load_state(data)
+                self.resumed_from = self.position
+                logger.info("resumed from checkpoint", extra={"position": self.position, "state": which})
+                return self.position + 1
+        known = sorted(self._tag(_position_of(d)) for d in states.values())
+        raise RuntimeError(
+            f"cannot resume exactly once: the store shards report checkpoint tags {sorted(tags)}, this trainer's "
+            f"checkpoints are {known} (a shard lost its checkpoint, or was checkpointed by someone else); "
+            f"delete object {self.config.durable}.* in bucket {STATE_BUCKET} to start over"
+        )
+
+    def _tag(self, position: int) -> str:
+        return f"{self.config.durable}@{position}"
+
+    async def _position_consumer(self, spec: bus.ConsumerSpec, start: int | None) -> bus.ConsumerSpec:
+        """Recreates the durable consumer at ``start`` (a checkpoint's next sequence) or per FRESHET_TRAINER_START.
+
+        With checkpoints on and no checkpoint yet, the start is made explicit and checkpointed at once
+        (position = start - 1), which also fails early when the store cannot checkpoint.
+        """
+        mode = self.config.start
+        if start is None:
+            if mode == "resume":
+                try:
+                    info = await self.js.consumer_info(spec.stream, spec.durable)
+                    start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+                except NotFoundError:
+                    start = 1
+            elif mode == "new":
+                start = (await self.js.stream_info(spec.stream)).state.last_seq + 1
+            else:
+                start = int(mode[4:]) if mode.startswith("seq:") else 1
+            if self._state_store is not None:
+                self.position = start - 1
+                try:
+                    await self.checkpoint()
+                except grpc.aio.AioRpcError as exc:
+                    raise ValueError(
+                        f"exactly-once training checkpoints the store, which refused: {exc.details()} "
+                        "(give every store shard FRESHET_STORE_DATA_DIR, or set FRESHET_TRAINER_CHECKPOINT_S=0 "
+                        "for at-least-once training)"
+                    ) from None
+        try:
+            await self.js.delete_consumer(spec.stream, spec.durable)
+        except NotFoundError:
+            pass
+        return replace(spec, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start))
+
+    # -- training ------------------------------------------------------------------------------------
+
+    async def _train_file(self, source: str) -> None:
+        """Batch training on a dataset file before the stream (the same steps, no checkpoints)."""
+        from freshet.datasets import dataset_samples
+
+        fmt, _, path = source.partition(":")
+        for batch in dataset_samples(fmt, path, self.config.batch_size):
+            if self.stopping.is_set():
+                return
+            prep = await self.learner.prepare(batch)
+            computed = await asyncio.to_thread(self.learner.compute, prep)
+            await self.learner.push(prep, computed)
+            await self._after_step()
+        logger.info("dataset trained", extra={"source": source, "samples": self.learner.samples_trained})
+
+    async def _fetch(self) -> Fetched | None:
+        """The next messages with at least one sample (malformed ones dead-lettered), or None when stopping."""
+        while not self.stopping.is_set():
+            try:
+                msgs = await self.sub.fetch(self.config.fetch_batch, timeout=self.config.fetch_timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                await self._maybe_checkpoint()
+                continue
+            fetched = Fetched([])
+            for msg in msgs:
+                try:
+                    fetched.batches.append(decode_samples(msg.data))
+                    fetched.msgs.append(msg)
+                except (DecodeError, TensorError, ValueError) as exc:
+                    logger.warning("malformed sample message", extra={"subject": msg.subject, "error": str(exc)})
+                    await bus.dead_letter(self.js, "samples", msg, f"malformed SampleBatch: {exc}")
+                    await msg.term()
+                fetched.last_seq = msg.metadata.sequence.stream
+            return fetched
+        return None
+
+    def _steps(self, fetched: Fetched) -> list[SampleArrays]:
+        if not fetched.batches:
+            return []
+        batch = SampleArrays.concat(fetched.batches) if len(fetched.batches) > 1 else fetched.batches[0]
+        size = self.config.batch_size
+        if len(batch) <= size:
+            return [batch]
+        return [_slice(batch, i, min(i + size, len(batch))) for i in range(0, len(batch), size)]
+
+    async def _train_stream(self) -> None:
+        """Fetch -> pull (next batch) overlapping compute (this batch) -> push -> ack, until stopped."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2)
+
+        async def produce() -> None:
+            while (fetched := await self._fetch()) is not None:
+                steps = self._steps(fetched)
+                for i, step in enumerate(steps):
+                    await queue.put((await self.learner.prepare(step), fetched if i == len(steps) - 1 else None))
+                if not steps:
+                    await queue.put((None, fetched))
+            await queue.put(None)
+
+        producer = asyncio.create_task(produce())
+        try:
+            while (item := await queue.get()) is not None:
+                prep, done = item
+                if prep is not None:
+                    links = telemetry.links_from(m.headers for m in (done.msgs if done else []))
+                    with tracer.start_as_current_span(
+                        "train_batch", links=links, attributes={"samples": len(prep.batch)}
+                    ):
+                        computed = await asyncio.to_thread(self.learner.compute, prep)
+                        await self.learner.push(prep, computed)
+                if done is not None:
+                    for msg in done.msgs:
+                        await msg.ack()
+                    self.position = max(self.position, done.last_seq)
+                await self._after_step()
+        finally:
+            producer.cancel()
+
+    async def _after_step(self) -> None:
         await self._maybe_publish_dense()
+        await self._maybe_checkpoint()
         self._maybe_log()
-        return outcomes
+
+    async def _maybe_checkpoint(self, force: bool = False) -> None:
+        if self.config.checkpoint_s <= 0 or self._state_store is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < self.config.checkpoint_s:
+            return
+        self._last_checkpoint = now
+        await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """State as ``.next``, store checkpoint tagged with the position, then state as ``.last``."""
+        data = self.learner.state_bytes(self.position)
+        await self._state_store.put(f"{self.config.durable}.next", data)
+        await self.store.checkpoint(self._tag(self.position))
+        await self._state_store.put(f"{self.config.durable}.last", data)
+        self.checkpoints += 1
 
     async def _maybe_publish_dense(self) -> None:
         now = time.monotonic()
         if now - self._last_dense < self.config.dense_interval_s or self.learner.step == self._last_dense_step:
             return
-        snap = self.learner.dense_snapshot()
+        snap = self.learner.dense_snapshot(self.config.model, self.position)
         await bus.publish(self.js, f"dense.{self.config.model}", snap.SerializeToString())
         self._last_dense, self._last_dense_step = now, snap.step
 
@@ -178,13 +461,37 @@ class TrainerService(NatsMixin, Service):
         if now - self._last_log < self.config.log_interval_s:
             return
         self._last_log = now
-        auc = self.learner.metrics.window_auc()
+        metrics = self.learner.metrics
+        window, overall = metrics.window_auc(), metrics.auc()
         logger.info(
             "training progress",
             extra={
                 "step": self.learner.step,
                 "samples_trained": self.learner.samples_trained,
-                "progressive_auc": None if auc is None else round(auc, 4),
-                "log_loss": self.learner.metrics.mean_log_loss(),
+                "position": self.position,
+                "progressive_auc": None if overall is None else round(overall, 4),
+                "window_auc": None if window is None else round(window, 4),
+                "log_loss": metrics.mean_log_loss(),
+                "window_log_loss": metrics.window_log_loss(),
             },
         )
+
+
+def _position_of(state: bytes) -> int:
+    return int(torch.load(io.BytesIO(state), weights_only=False)["position"])
+
+
+def _slice(batch: SampleArrays, start: int, stop: int) -> SampleArrays:
+    offsets = np.concatenate([[0], np.cumsum(batch.lengths, dtype=np.int64)])
+    return SampleArrays(
+        fids=batch.fids[offsets[start] : offsets[stop]],
+        lengths=batch.lengths[start:stop],
+        labels=batch.labels[start:stop],
+        weights=batch.weights[start:stop],
+        sample_ids=batch.sample_ids[start:stop],
+        event_time_ms=batch.event_time_ms[start:stop],
+        user_ids=batch.user_ids[start:stop],
+        item_ids=batch.item_ids[start:stop],
+        label_vectors=batch.label_vectors[start:stop],
+        versions=batch.versions[start:stop],
+    )

@@ -18,7 +18,7 @@ DECISION_APPROVE: Decision
 DECISION_REJECT: Decision
 
 class DenseSnapshot(_message.Message):
-    __slots__ = ("model", "step", "params", "samples_trained", "created_ms")
+    __slots__ = ("model", "step", "params", "samples_trained", "created_ms", "stream_seq", "model_config")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -31,12 +31,16 @@ class DenseSnapshot(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_FIELD_NUMBER: _ClassVar[int]
     model: str
     step: int
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
     samples_trained: int
     created_ms: int
-    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., samples_trained: _Optional[int] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    stream_seq: int
+    model_config: str
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., samples_trained: _Optional[int] = ..., created_ms: _Optional[int] = ..., stream_seq: _Optional[int] = ..., model_config: _Optional[str] = ...) -> None: ...
 
 class ModelDelta(_message.Message):
     __slots__ = ("model", "table", "shard", "sequence", "base_version", "new_version", "fids", "values", "dense", "dense_step", "checksum", "created_ms")
