@@ -142,3 +142,31 @@ def decode_samples(data: bytes) -> SampleArrays:
             f"inconsistent SampleBatch: {n} lengths summing to {int(lengths.sum())}, {len(out.fids)} fids"
         )
     return out
+
+
+class SampleReader:
+    """Reads the SAMPLES stream incrementally (a sample message may hold many samples).
+
+    ``await reader.read()`` decodes the messages stored since the previous call; ``ids`` (every
+    sample id read, in stream order, duplicates kept), ``labels`` (sample id -> click label) and
+    ``batches`` (one decoded ``SampleArrays`` per message) hold everything read so far.
+    """
+
+    def __init__(self, js, stream: str = "SAMPLES") -> None:
+        self.js = js
+        self.stream = stream
+        self.next_seq = 1
+        self.batches: list = []  # decoded SampleArrays, one per message, in stream order
+        self.ids: list[str] = []
+        self.labels: dict[str, float] = {}
+
+    async def read(self) -> int:
+        """Decodes new messages; returns the number of samples read so far."""
+        info = await self.js.stream_info(self.stream)
+        for seq in range(max(self.next_seq, info.state.first_seq), info.state.last_seq + 1):
+            batch = decode_samples((await self.js.get_msg(self.stream, seq)).data)
+            self.batches.append(batch)
+            self.ids.extend(batch.sample_ids)
+            self.labels.update(zip(batch.sample_ids, batch.labels.tolist(), strict=True))
+        self.next_seq = max(self.next_seq, info.state.last_seq + 1)
+        return len(self.ids)

@@ -25,11 +25,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nats.js.errors import NotFoundError
 
 from freshet import bus
+from freshet.batches import SampleReader
 from freshet.clients import PredictorClient
 from freshet.config import BusConfig
 from freshet.metrics import auc
+from freshet.model.v1 import model_pb2
 from freshet.natsserver import EmbeddedNats, free_port
 from freshet.synthetic import SyntheticConfig, SyntheticSource
 
@@ -169,14 +172,19 @@ async def feed(
 
 async def pipeline_counts(js) -> dict[str, int]:
     """Counts read back from JetStream: samples joined and trained, deltas, approvals."""
-    samples = await js.stream_info(bus.SAMPLES.name)
-    trained = await js.consumer_info(bus.SAMPLES.name, "trainer")
+    joined = SampleReader(js, bus.SAMPLES.name)  # a sample message holds many samples
+    await joined.read()
+    try:
+        dense = model_pb2.DenseSnapshot.FromString((await js.get_last_msg(bus.DENSE.name, "dense.fm")).data)
+        trained = dense.samples_trained
+    except NotFoundError:
+        trained = 0
     model = await js.stream_info(bus.MODEL.name, subjects_filter="model.>")
     subjects = model.state.subjects or {}
     dead = await js.stream_info(bus.DEADLETTER.name)
     return {
-        "samples_joined": samples.state.messages,
-        "samples_trained": trained.ack_floor.stream_seq if trained.ack_floor else 0,
+        "samples_joined": len(joined.ids),
+        "samples_trained": trained,
         "deltas_published": sum(n for subject, n in subjects.items() if subject.startswith("model.fm.delta.")),
         "decisions": subjects.get("model.fm.decision", 0),
         "dead_lettered": dead.state.messages,

@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from freshet.batches import SampleReader  # noqa: F401 - tests read samples through it
+
 
 async def assert_eventually(
     condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05, message: str = ""
@@ -47,33 +49,3 @@ async def code_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details() or ""
     raise AssertionError("the gRPC call succeeded; an error status was expected")
-
-
-class SampleReader:
-    """Reads the SAMPLES stream incrementally (a sample message may hold many samples).
-
-    ``await reader.read()`` decodes the messages stored since the previous call; ``ids`` (every
-    sample id read, in stream order, duplicates kept), ``labels`` (sample id -> click label) and
-    ``batches`` (one decoded ``SampleArrays`` per message) hold everything read so far.
-    """
-
-    def __init__(self, js, stream: str = "SAMPLES") -> None:
-        self.js = js
-        self.stream = stream
-        self.next_seq = 1
-        self.batches: list = []  # decoded SampleArrays, one per message, in stream order
-        self.ids: list[str] = []
-        self.labels: dict[str, float] = {}
-
-    async def read(self) -> int:
-        """Decodes new messages; returns the number of samples read so far."""
-        from freshet.batches import decode_samples
-
-        info = await self.js.stream_info(self.stream)
-        for seq in range(max(self.next_seq, info.state.first_seq), info.state.last_seq + 1):
-            batch = decode_samples((await self.js.get_msg(self.stream, seq)).data)
-            self.batches.append(batch)
-            self.ids.extend(batch.sample_ids)
-            self.labels.update(zip(batch.sample_ids, batch.labels.tolist(), strict=True))
-        self.next_seq = max(self.next_seq, info.state.last_seq + 1)
-        return len(self.ids)

@@ -250,7 +250,10 @@ class TrainerService(NatsMixin, Service):
         spec = await self._position_consumer(spec, start)
         await bus.declare_consumer(self.js, spec)
         self.sub = await self.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
-        await self._train_stream()
+        try:
+            await self._train_stream()
+        finally:
+            await self.sub.unsubscribe()  # else draining the connection waits for its undelivered fetches
 
     # -- start-up ------------------------------------------------------------------------------------
 
