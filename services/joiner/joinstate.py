@@ -42,7 +42,7 @@ from functools import lru_cache
 from types import TracebackType
 from typing import NamedTuple
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch, WriteOptions
 
 from freshet.events.v1 import events_pb2
 
@@ -351,6 +351,9 @@ class RocksJoinState(JoinState):
     def __init__(self, path: str, *, sync_writes: bool = False, cached_windows: int = 1 << 18) -> None:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)  # most reads look up keys that do not exist (new impressions)
+        opts.set_block_based_table_factory(table)
         self.path = path
         self._db: Rdict | None = Rdict(path, opts)
         self._write_opts = WriteOptions()
@@ -450,21 +453,22 @@ class RocksJoinState(JoinState):
     def commit(self) -> None:
         db = self._open_db()
         batch = WriteBatch(raw_mode=True)
+        recent = self._recent
         for key, value in self._pending.items():
-            if value is None:
+            if type(value) is WindowRecord:  # the common case first
+                batch.put(key, _encode_window(value))
+                recent.pop(key, None)
+                recent[key] = value
+            elif value is None:
                 batch.delete(key)
+                if key.startswith(_W):
+                    recent.pop(key, None)
+                elif key.startswith(_B):
+                    self._buffered.discard(key[len(_B) :])
             else:
                 batch.put(key, _encode(key, value))
         if len(batch):
             db.write(batch, self._write_opts)
-        recent = self._recent
-        for key, value in self._pending.items():
-            if key.startswith(_W):
-                recent.pop(key, None)
-                if value is not None:
-                    recent[key] = value
-            elif key.startswith(_B) and value is None:
-                self._buffered.discard(key[len(_B) :])
         for _ in range(len(recent) - self._cached_windows):
             del recent[next(iter(recent))]
         self._pending.clear()
