@@ -65,6 +65,43 @@ def test_movielens_u_data_is_sorted_by_time_and_rating_4_or_more_is_a_click(tmp_
     assert all(not e.context for e in impressions(read_events("movielens", path)))
 
 
+def test_movielens_u_user_and_u_item_beside_u_data_become_impression_context(tmp_path):
+    path = write(tmp_path / "u.data", "1\t10\t5\t100\n2\t10\t2\t200\n1\t20\t4\t300\n")
+    write(tmp_path / "u.user", "1|24|M|technician|85711\n2|61|F|other|K1A0B\n")
+    genres = ["0"] * 19
+    genres[1] = genres[5] = "1"  # action, comedy
+    # Latin-1 title, as in ml-100k's u.item; item 20 has no release date.
+    (tmp_path / "u.item").write_bytes(
+        f"10|Caf\xe9 (1995)|01-Jan-1995||http://x|{'|'.join(genres)}\n".encode("latin-1")
+        + f"20|Unknown||||{'|'.join(['1'] + ['0'] * 18)}\n".encode("latin-1")
+    )
+
+    contexts = [dict(e.context) for e in impressions(read_events("movielens", path))]
+
+    user_1 = {"age": "18-24", "gender": "M", "occupation": "technician", "zip_region": "8"}
+    assert contexts == [
+        user_1 | {"genre_action": "1", "genre_comedy": "1", "release_decade": "1990s"},
+        {"age": "56+", "gender": "F", "occupation": "other", "zip_region": "K"}
+        | {"genre_action": "1", "genre_comedy": "1", "release_decade": "1990s"},
+        user_1 | {"genre_unknown": "1"},
+    ]
+
+
+def test_movielens_ids_missing_from_u_user_get_only_item_context(tmp_path):
+    path = write(tmp_path / "u.data", "7\t10\t5\t100\n")
+    write(tmp_path / "u.user", "1|24|M|technician|85711\n")
+
+    assert [dict(e.context) for e in impressions(read_events("movielens", path))] == [{}]
+
+
+def test_movielens_malformed_u_user_names_its_file_and_line(tmp_path):
+    path = write(tmp_path / "u.data", "1\t10\t5\t100\n")
+    write(tmp_path / "u.user", "1|24|M|technician|85711\n2|61|F\n")
+
+    with pytest.raises(DatasetError, match=r"u\.user:2: expected 5 '\|'-separated fields"):
+        list(read_events("movielens", path))
+
+
 def test_movielens_ratings_csv_has_half_stars_and_a_header(tmp_path):
     path = write(
         tmp_path / "ratings.csv",

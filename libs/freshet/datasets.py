@@ -22,9 +22,15 @@ How each format maps (``ctx`` = ``Impression.context``, absent values are left o
 format        ids, position, event time                  click and context
 ============  =========================================  =============================================
 movielens     u.data (tab, no header), ratings.csv       click: rating >= 4. ctx: none (the rating is
-              (``userId,movieId,rating,timestamp``) or   the label, so it must not be a feature).
-              ratings.dat (``::``); ids as in the file;  Only rated items are impressions: there are
-              position 0; time = timestamp * 1000.       no unrated negatives.
+              (``userId,movieId,rating,timestamp``) or   the label, so it must not be a feature), but
+              ratings.dat (``::``); ids as in the file;  for u.data with ``u.user`` / ``u.item``
+              position 0; time = timestamp * 1000.       beside it (ml-100k): the user's age (ML-1M
+                                                         buckets), gender, occupation, zip_region
+                                                         (first zip character); per genre of the
+                                                         movie ``genre_<name>`` = "1"; its
+                                                         release_decade ("1990s"); absent ids get
+                                                         none. Only rated items are impressions:
+                                                         there are no unrated negatives.
 mind          behaviors.tsv; user/item = stable_id of    click: ``-1`` candidates. ctx: history_len
               ``U..``/``N..``; position = index in the   (log2 bucket of the clicked-history length).
               impression list; time read as UTC.
@@ -179,11 +185,67 @@ def _single_build(time_ms: int, request_id: str, payload: Single):
 # --- MovieLens -----------------------------------------------------------------------------------
 
 
+_MOVIELENS_GENRES = (
+    "unknown", "action", "adventure", "animation", "children", "comedy", "crime", "documentary", "drama",
+    "fantasy", "film_noir", "horror", "musical", "mystery", "romance", "sci_fi", "thriller", "war", "western",
+)  # fmt: skip
+_MOVIELENS_AGES = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
+
+
+def _movielens_age(age: int) -> str:
+    """The MovieLens-1M age bucket of an age in years (``56+`` past the last bound)."""
+    return next((name for bound, name in _MOVIELENS_AGES if age < bound), "56+")
+
+
+def _movielens_side(path: Path) -> tuple[dict[int, dict[str, str]], dict[int, dict[str, str]]]:
+    """(user id -> context, item id -> context) from the ``u.user`` and ``u.item`` beside ``u.data``.
+
+    Either map is empty when its file is absent. Both files are ``|``-separated Latin-1.
+    """
+    users: dict[int, dict[str, str]] = {}
+    items: dict[int, dict[str, str]] = {}
+    user_file, item_file = path.with_name("u.user"), path.with_name("u.item")
+    if user_file.is_file():
+        with open(user_file, encoding="latin-1", newline="") as fh:
+            for line, text in _numbered(fh, str(user_file)):
+                user, age, gender, occupation, zip_code = _fields(
+                    str(user_file), line, text, "|", 5, "user_id age gender occupation zip"
+                )
+                users[_int(str(user_file), line, "user id", user)] = {
+                    "age": _movielens_age(_int(str(user_file), line, "age", age)),
+                    "gender": gender,
+                    "occupation": occupation,
+                    "zip_region": zip_code[:1],
+                }
+    if item_file.is_file():
+        n = 5 + len(_MOVIELENS_GENRES)
+        with open(item_file, encoding="latin-1", newline="") as fh:
+            for line, text in _numbered(fh, str(item_file)):
+                parts = _fields(
+                    str(item_file),
+                    line,
+                    text,
+                    "|",
+                    n,
+                    "movie_id title release_date video_release_date url 19 genres",
+                )
+                context = {
+                    f"genre_{g}": "1" for g, flag in zip(_MOVIELENS_GENRES, parts[5:], strict=True) if flag == "1"
+                }
+                year = parts[2][-4:]
+                if year.isdigit():
+                    context["release_decade"] = year[:3] + "0s"
+                items[_int(str(item_file), line, "movie id", parts[0])] = context
+    return users, items
+
+
 def _movielens_rows(path: str, lines: Lines) -> Iterator[Row]:
     first = next(lines, None)
     if first is None:
         return
     head: tuple[tuple[int, str], ...] = (first,)
+    users: dict[int, dict[str, str]] = {}
+    items: dict[int, dict[str, str]] = {}
     if first[1].startswith("userId"):  # ratings.csv of ml-latest / ml-20m / ml-25m
         if first[1] != "userId,movieId,rating,timestamp":
             raise DatasetError(
@@ -192,6 +254,8 @@ def _movielens_rows(path: str, lines: Lines) -> Iterator[Row]:
         sep, head = ",", ()
     else:
         sep = "::" if "::" in first[1] else "\t"
+        if sep == "\t":  # ml-100k: demographics and genres beside u.data
+            users, items = _movielens_side(Path(path.removesuffix(".gz")))
     for line, text in itertools.chain(head, lines):
         user, item, rating, stamp = _fields(path, line, text, sep, 4, "user item rating timestamp")
         try:
@@ -200,11 +264,9 @@ def _movielens_rows(path: str, lines: Lines) -> Iterator[Row]:
             raise DatasetError(path, line, f"rating {rating!r} is not a number") from None
         if not 0.0 <= stars <= 10.0:
             raise DatasetError(path, line, f"rating {rating!r} is outside [0, 10]")
-        yield (
-            _int(path, line, "timestamp", stamp) * 1000,
-            line,
-            (_int(path, line, "user id", user), _int(path, line, "item id", item), 0, stars >= 4.0, None),
-        )
+        user_id, item_id = _int(path, line, "user id", user), _int(path, line, "item id", item)
+        context = (users.get(user_id, {}) | items.get(item_id, {})) or None
+        yield (_int(path, line, "timestamp", stamp) * 1000, line, (user_id, item_id, 0, stars >= 4.0, context))
 
 
 # --- MIND ----------------------------------------------------------------------------------------
