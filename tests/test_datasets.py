@@ -411,3 +411,19 @@ def test_bytes_that_are_not_utf8_are_a_dataset_error(tmp_path):
 
     with pytest.raises(DatasetError, match="not UTF-8 text"):
         list(read_events("movielens", path))
+
+
+def test_dataset_samples_label_each_rating_and_featurise_like_the_joiner(tmp_path):
+    from freshet.datasets import dataset_samples
+    from freshet.fids import example_fids
+
+    path = write(tmp_path / "u.data", "1\t10\t5\t300\n2\t10\t2\t100\n1\t20\t4\t200\n3\t30\t1\t400\n")
+    batches = list(dataset_samples("movielens", path, batch_size=3))
+    assert [len(b) for b in batches] == [3, 1]
+    ids = [sid for b in batches for sid in b.sample_ids]
+    labels = [float(x) for b in batches for x in b.labels]
+    assert labels == [0.0, 1.0, 1.0, 0.0]  # time order: user 2 (2 stars), user 1 (4), user 1 (5), user 3 (1)
+    assert len(set(ids)) == 4 and all(sid.endswith(":v1") for sid in ids)
+    first = batches[0]
+    assert first.fids[:3].tolist() == example_fids(2, [10], 0)[0].tolist()
+    assert first.label_vectors[:, 0].tolist() == first.labels.tolist()

@@ -21,7 +21,7 @@ class StoreConfig:
         "JSON list of table specs (optimizer, slot policies, capacity); replaces FRESHET_STORE_TABLES",
         "",
     )
-    learning_rate: float = env_field("FRESHET_STORE_LR", "Adagrad learning rate of name:dim tables", 0.2)
+    learning_rate: float = env_field("FRESHET_STORE_LR", "Adagrad learning rate of name:dim tables", 0.1)
     init_scale: float = env_field("FRESHET_STORE_INIT_SCALE", "new rows start uniform in +-scale", 0.01)
     device_cache_rows: int = env_field(
         "FRESHET_STORE_DEVICE_CACHE_ROWS", "hottest rows mirrored in the device cache of name:dim tables", 16384

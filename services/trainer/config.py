@@ -26,6 +26,12 @@ class TrainerConfig:
     )
     dense_lr: float = env_field("FRESHET_DENSE_LR", "Adagrad learning rate of the dense parameters", 0.05)
     batch_size: int = env_field("FRESHET_TRAIN_BATCH", "samples per training step at most", 1024)
+    pipeline: bool = env_field(
+        "FRESHET_TRAIN_PIPELINE",
+        "pull the next batch while computing this one (a staleness of one step); off: each step reads the "
+        "rows the previous step pushed, which matters for small batches on bursty streams",
+        True,
+    )
     fetch_batch: int = env_field("FRESHET_TRAIN_FETCH", "sample messages fetched at once at most", 64)
     fetch_timeout_s: float = env_field("FRESHET_TRAIN_FETCH_TIMEOUT_S", "max wait to fill a batch", 0.05)
     dense_interval_s: float = env_field("FRESHET_DENSE_INTERVAL_S", "seconds between dense snapshots", 1.0)
