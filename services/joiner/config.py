@@ -45,7 +45,12 @@ class JoinerConfig:
         "durable consumer name prefix on EVENTS (one per partition: <name>-p<n>)",
         "joiner",
     )
-    fetch_batch: int = env_field("FRESHET_JOINER_FETCH_BATCH", "messages fetched per pull", 512)
+    fetch_batch: int = env_field("FRESHET_JOINER_FETCH_BATCH", "messages fetched per pull at most", 512)
+    fetch_timeout_s: float = env_field(
+        "FRESHET_JOINER_FETCH_TIMEOUT_S",
+        "longest wait of a pull for more messages once one arrived (bounds the join latency it adds)",
+        0.01,
+    )
     samples_per_message: int = env_field(
         "FRESHET_JOINER_SAMPLES_PER_MESSAGE", "samples per SampleBatch message at most (keep it under 1 MB)", 2048
     )

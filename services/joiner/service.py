@@ -164,6 +164,7 @@ class JoinerService(NatsMixin, Service):
                 handler=partial(self._on_batch, part),
                 source="events",
                 batch=self.config.fetch_batch,
+                fetch_timeout_s=self.config.fetch_timeout_s,
             )
             self.spawn(part.loop.run(self.stopping), f"joiner-consume-p{part.partition}")
             self.spawn(self._tick_forever(part), f"joiner-tick-p{part.partition}")
