@@ -254,6 +254,13 @@ class TrainerService(NatsMixin, Service):
         self.sub = await self.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
         try:
             await self._train_stream()
+            if self._state_store is not None:  # a clean stop resumes from here, with nothing to roll back
+                try:
+                    await self.checkpoint()
+                except (grpc.aio.AioRpcError, nats.errors.Error) as exc:
+                    logger.warning(
+                        "no checkpoint at shutdown; the next start rolls back", extra={"error": repr(exc)}
+                    )
         finally:
             await self.sub.unsubscribe()  # else draining the connection waits for its undelivered fetches
 
