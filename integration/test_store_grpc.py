@@ -1,4 +1,5 @@
-"""The embedding store over real gRPC (port 0): round trips, precise status codes, health, robustness."""
+"""The embedding store over real gRPC (port 0): round trips, precise status codes, health, robustness,
+rollback to the last checkpoint across shards."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from freshet.clients import StoreClient
+from freshet.clients import ShardedStoreClient, StoreClient
+from freshet.fids import shard_of
 from freshet.store.v1 import store_pb2, store_pb2_grpc
 from freshet.tensors import to_tensor
 from freshet.testing import code_of
@@ -162,3 +164,79 @@ async def test_service_keeps_serving_after_a_run_of_bad_requests(store, client, 
     fids = np.array([4, 5], np.int64)
     np.testing.assert_array_equal(await client.pull("fm", fids), _initial(store, fids))
     assert len(store.tables["fm"]) == 0
+
+
+# -- rollback ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_shards(tmp_path):
+    """Two shards with RocksDB data dirs in the test's tmp dir, and a sharded client of both."""
+    configs = [
+        StoreConfig(port=0, shard=i, num_shards=2, data_dir=str(tmp_path / f"shard{i}"), tables=("a:4", "b:4"))
+        for i in range(2)
+    ]
+    async with StoreService(configs[0]) as s0, StoreService(configs[1]) as s1:
+        async with ShardedStoreClient([s0.address, s1.address], timeout_s=_TIMEOUT) as client:
+            yield [s0, s1], client
+
+
+async def test_rollback_returns_every_shard_and_table_to_the_last_checkpoint(two_shards):
+    shards, client = two_shards
+    rng = np.random.default_rng(0)
+    old, new = rng.integers(0, 2**62, 400), rng.integers(0, 2**62, 100)
+    assert set(shard_of(old, 2).tolist()) == {0, 1}
+    for table in ("a", "b"):
+        await client.push(table, old, rng.normal(size=(400, 4)).astype(np.float32))
+    ckpt = await client.checkpoint("trainer@7")
+    at_checkpoint = {t: await client.pull(t, np.concatenate([old, new])) for t in ("a", "b")}
+    versions = [d.tables[0].version for d in await client.describe()]
+    for table in ("a", "b"):
+        await client.push(table, old[::2], rng.normal(size=(200, 4)).astype(np.float32))
+        await client.push(table, new, rng.normal(size=(100, 4)).astype(np.float32))
+
+    answers = await client.rollback("trainer@7")
+
+    assert len(answers) == 2
+    for answer, before in zip(answers, ckpt, strict=True):
+        assert [(t.name, t.checkpoint_id, t.checkpoint_tag) for t in answer.tables] == [
+            (t.name, t.checkpoint_id, "trainer@7") for t in before.tables
+        ]
+    for table in ("a", "b"):
+        np.testing.assert_array_equal(await client.pull(table, np.concatenate([old, new])), at_checkpoint[table])
+    for shard, version in zip(shards, versions, strict=True):
+        assert shard.tables["a"].version > version  # restored rows got new versions
+        assert shard.tables["a"].stats["rollbacks"] == 1
+    # An empty expected tag accepts any checkpoint.
+    await client.rollback()
+    np.testing.assert_array_equal(await client.pull("a", old), at_checkpoint["a"][:400])
+
+
+async def test_rollback_to_another_tag_is_failed_precondition_and_rolls_back_no_table(two_shards):
+    shards, client = two_shards
+    fids = np.arange(1, 201, dtype=np.int64)
+    for table in ("a", "b"):
+        await client.push(table, fids, np.ones((200, 4), np.float32))
+    await client.checkpoint("trainer@7")
+    for table in ("a", "b"):
+        await client.push(table, fids, np.ones((200, 4), np.float32))
+    shards[0].tables["b"].checkpoint("someone-else")  # one table of one shard at another checkpoint
+    later = {t: await client.pull(t, fids) for t in ("a", "b")}
+
+    code, details = await code_of(client.shards[0].rollback("trainer@7"))
+
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'trainer@7'" in details and "'someone-else'" in details and "'b'" in details
+    for table in ("a", "b"):
+        np.testing.assert_array_equal(await client.pull(table, fids), later[table])
+    assert shards[0].tables["a"].stats["rollbacks"] == 0
+
+    code, details = await code_of(client.rollback("trainer@8"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'trainer@8'" in details and "'trainer@7'" in details
+
+
+async def test_rollback_without_a_data_dir_is_failed_precondition(client):
+    code, details = await code_of(client.rollback())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no data dir" in details and "FRESHET_STORE_DATA_DIR" in details

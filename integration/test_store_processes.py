@@ -1,11 +1,14 @@
-"""Store shards as real processes: sharded Pull/Push, and kill -9 + restart from the last checkpoint."""
+"""Store shards as real processes: sharded Pull/Push, kill -9 + restart from the last checkpoint, and rollback
+to the last tagged checkpoint across a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 from freshet.clients import ShardedStoreClient, StoreClient
 from freshet.fids import shard_of
 from freshet.natsserver import free_port
+from freshet.testing import assert_eventually
 from services.store.table import initial_values
 
 
@@ -31,6 +35,7 @@ class ShardProcess:
             "FRESHET_STORE_DATA_DIR": data_dir,
             "FRESHET_STORE_TABLES": "emb:4",
             "FRESHET_STORE_CHECKPOINT_INTERVAL_S": "0",
+            "FRESHET_STORE_PORT_FILE": str(tmp_path / f"store-{shard}-{self.port}.port"),
         }
         self.log = tmp_path / f"store-{shard}-{self.port}.log"
         self.proc: subprocess.Popen | None = None
@@ -41,6 +46,16 @@ class ShardProcess:
                 [sys.executable, "-m", "services.store"], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         return self
+
+    async def serving(self) -> None:
+        """Waits until the shard has bound its port (written after start-up), so a client's first call
+        does not spend its deadline in gRPC's reconnect backoff while the process imports."""
+        port_file = Path(self.env["FRESHET_STORE_PORT_FILE"])
+        await assert_eventually(
+            lambda: self.proc.poll() is None and port_file.exists(),
+            timeout_s=60,
+            message=f"store shard did not start; see {self.log}",
+        )
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -60,9 +75,10 @@ class ShardProcess:
 def shards(tmp_path):
     started: list[ShardProcess] = []
 
-    def start(shard: int, num_shards: int, data_dir: str = "") -> ShardProcess:
+    async def start(shard: int, num_shards: int, data_dir: str = "") -> ShardProcess:
         proc = ShardProcess(tmp_path, shard, num_shards, data_dir).start()
         started.append(proc)
+        await proc.serving()
         return proc
 
     yield start
@@ -71,7 +87,7 @@ def shards(tmp_path):
 
 
 async def test_sharded_client_splits_dedupes_and_merges_across_two_shard_processes(shards):
-    procs = [shards(0, 2), shards(1, 2)]
+    procs = await asyncio.gather(shards(0, 2), shards(1, 2))
     rng = np.random.default_rng(0)
     fids = rng.integers(0, 2**62, 2000)
     fids = np.concatenate([fids, fids[:500]])  # duplicates, summed before the update
@@ -94,7 +110,7 @@ async def test_sharded_client_splits_dedupes_and_merges_across_two_shard_process
 
 
 async def test_a_shard_rejects_fids_owned_by_another_shard(shards):
-    proc = shards(0, 2)
+    proc = await shards(0, 2)
     fids = np.arange(100, dtype=np.int64)
     foreign = fids[shard_of(fids, 2) == 1]
     async with StoreClient(proc.address) as client:
@@ -106,7 +122,7 @@ async def test_a_shard_rejects_fids_owned_by_another_shard(shards):
 
 async def test_kill_9_loses_only_changes_after_the_checkpoint_and_reports_its_tag(shards, tmp_path):
     data_dir = str(tmp_path / "shard0")
-    proc = shards(0, 1, data_dir)
+    proc = await shards(0, 1, data_dir)
     fids = np.arange(1, 501, dtype=np.int64)
     grads = np.full((len(fids), 4), 0.5, np.float32)
     async with StoreClient(proc.address) as client:
@@ -121,7 +137,7 @@ async def test_kill_9_loses_only_changes_after_the_checkpoint_and_reports_its_ta
     assert not np.allclose(later[:250], checkpointed[:250])
     proc.kill9()
 
-    restarted = shards(0, 1, data_dir)
+    restarted = await shards(0, 1, data_dir)
     async with StoreClient(restarted.address) as client:
         info = (await client.describe()).tables[0]
         assert info.checkpoint_id == ckpt.tables[0].checkpoint_id
@@ -136,16 +152,47 @@ async def test_kill_9_loses_only_changes_after_the_checkpoint_and_reports_its_ta
         assert np.allclose(await client.pull("emb", fids[:250]), later[:250], rtol=1e-6)
 
 
+async def test_rollback_after_a_graceful_restart_returns_to_the_tagged_checkpoint(shards, tmp_path):
+    data_dir = str(tmp_path / "shard0")
+    proc = await shards(0, 1, data_dir)
+    fids, fresh = np.arange(1, 301, dtype=np.int64), np.arange(1000, 1050, dtype=np.int64)
+    grads = np.full((len(fids), 4), 0.5, np.float32)
+    async with StoreClient(proc.address) as client:
+        await client.push("emb", fids, grads)
+        checkpointed = await client.pull("emb", fids)
+        ckpt = (await client.checkpoint("samples.0@99")).tables[0]
+        await client.push("emb", fids[:150], grads[:150])
+        await client.push("emb", fresh, np.ones((50, 4), np.float32))
+        later = await client.pull("emb", np.concatenate([fids, fresh]))
+    proc.stop()  # checkpoints on its own: the tag stays, the rollback point too
+
+    restarted = await shards(0, 1, data_dir)
+    async with StoreClient(restarted.address) as client:
+        info = (await client.describe()).tables[0]
+        assert (info.checkpoint_id, info.checkpoint_tag) == (ckpt.checkpoint_id + 1, "samples.0@99")
+        assert np.array_equal(await client.pull("emb", np.concatenate([fids, fresh])), later)
+
+        rolled = (await client.rollback(expected_tag="samples.0@99")).tables[0]
+
+        assert (rolled.checkpoint_id, rolled.checkpoint_version) == (ckpt.checkpoint_id, ckpt.checkpoint_version)
+        assert np.array_equal(await client.pull("emb", fids), checkpointed)
+        assert np.array_equal(await client.pull("emb", fresh), initial_values(fresh, 4, scale=0.01))
+        # Re-training the same batches gives the same rows, bit for bit.
+        await client.push("emb", fids[:150], grads[:150])
+        await client.push("emb", fresh, np.ones((50, 4), np.float32))
+        assert np.array_equal(await client.pull("emb", np.concatenate([fids, fresh])), later)
+
+
 async def test_graceful_stop_checkpoints_so_a_restart_loses_nothing(shards, tmp_path):
     data_dir = str(tmp_path / "shard0")
-    proc = shards(0, 1, data_dir)
+    proc = await shards(0, 1, data_dir)
     fids = np.arange(1, 101, dtype=np.int64)
     async with StoreClient(proc.address) as client:
         await client.push("emb", fids, np.ones((100, 4), np.float32))
         values = await client.pull("emb", fids)
     proc.stop()
     assert proc.proc.returncode == 0
-    restarted = shards(0, 1, data_dir)
+    restarted = await shards(0, 1, data_dir)
     async with StoreClient(restarted.address) as client:
         assert np.array_equal(await client.pull("emb", fids), values)
 
@@ -153,7 +200,7 @@ async def test_graceful_stop_checkpoints_so_a_restart_loses_nothing(shards, tmp_
 async def test_a_full_snapshot_restores_a_shard_on_its_own(shards, tmp_path):
     data_dir = str(tmp_path / "shard0")
     snapshot = tmp_path / "snap"
-    proc = shards(0, 1, data_dir)
+    proc = await shards(0, 1, data_dir)
     fids = np.arange(1, 301, dtype=np.int64)
     async with StoreClient(proc.address) as client:
         await client.push("emb", fids, np.ones((300, 4), np.float32))
@@ -163,7 +210,7 @@ async def test_a_full_snapshot_restores_a_shard_on_its_own(shards, tmp_path):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.checkpoint("again", snapshot_dir=str(snapshot))
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    from_snapshot = shards(0, 1, str(snapshot))
+    from_snapshot = await shards(0, 1, str(snapshot))
     async with StoreClient(from_snapshot.address) as client:
         restored = (await client.describe()).tables[0]
         assert (restored.checkpoint_id, restored.checkpoint_tag) == (info.checkpoint_id, "full")

@@ -89,6 +89,15 @@ class StoreClient(_Client):
         req = store_pb2.CheckpointRequest(tag=tag, snapshot_dir=snapshot_dir)
         return await self.stub.Checkpoint(req, **self._kw())
 
+    async def rollback(self, expected_tag: str = "") -> store_pb2.CheckpointResponse:
+        """Returns every table of the shard to its last checkpoint; a non-empty ``expected_tag`` must be its tag.
+
+        Raises:
+            grpc.aio.AioRpcError: FAILED_PRECONDITION (no data dir, or another tag; nothing rolled back).
+        """
+        req = store_pb2.RollbackRequest(expected_tag=expected_tag)
+        return await self.stub.Rollback(req, **self._kw())
+
 
 class ShardedStoreClient:
     """Client of a store split into shards by ``freshet.fids.shard_of``.
@@ -156,6 +165,14 @@ class ShardedStoreClient:
     async def checkpoint(self, tag: str = "") -> list[store_pb2.CheckpointResponse]:
         """Checkpoints every shard with the same tag."""
         return list(await asyncio.gather(*(s.checkpoint(tag) for s in self.shards)))
+
+    async def rollback(self, expected_tag: str = "") -> list[store_pb2.CheckpointResponse]:
+        """Rolls every shard back to its last checkpoint (see ``StoreClient.rollback``), concurrently.
+
+        Each shard is all-or-nothing; if one fails, the others may have rolled back. Rolling back
+        again to the same checkpoint is harmless (same values, new versions), so a caller retries.
+        """
+        return list(await asyncio.gather(*(s.rollback(expected_tag) for s in self.shards)))
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.shards))

@@ -9,6 +9,10 @@ Layout on disk (one RocksDB per shard, opened in rocksdict's raw mode so keys an
 - ``meta`` column family: user blobs under ``b"m/" + name`` and the store's own format record under
   ``b"f/format"``. A separate column family means no fid key can ever collide with metadata and scans of
   rows never see it, while one WriteBatch still commits rows and metadata atomically.
+- ``undo`` column family, the undo log: for a fid, the row as it was at an earlier point the owner may
+  roll back to (same key and record layout; an empty value: the fid had no row then). The owner decides
+  what is logged (see ``services.store.tiered``); it is written, read and cleared in the same WriteBatches
+  as the rows.
 
 Every write goes through the WAL, so an acknowledged write survives the process being killed;
 ``sync_writes=True`` additionally fsyncs the WAL before a write returns, so it also survives an OS crash
@@ -30,6 +34,7 @@ import numpy as np
 from rocksdict import Checkpoint, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
 _META_CF = "meta"
+_UNDO_CF = "undo"
 _FORMAT_KEY = b"f/format"
 _FORMAT_VERSION = 1
 
@@ -137,9 +142,13 @@ class ColdStore:
         opts = Options(raw_mode=True)
         opts.create_if_missing(create)
         opts.create_missing_column_families(True)
-        self._db: Rdict | None = Rdict(path, opts, column_families={_META_CF: Options(raw_mode=True)})
+        self._db: Rdict | None = Rdict(
+            path, opts, column_families={_META_CF: Options(raw_mode=True), _UNDO_CF: Options(raw_mode=True)}
+        )
         self._meta: Rdict | None = self._db.get_column_family(_META_CF)
         self._meta_cf = self._db.get_column_family_handle(_META_CF)
+        self._undo: Rdict | None = self._db.get_column_family(_UNDO_CF)
+        self._undo_cf = self._db.get_column_family_handle(_UNDO_CF)
         try:
             self._check_format()
         except BaseException:
@@ -168,25 +177,39 @@ class ColdStore:
         rows: RowBatch | None = None,
         delete_fids: np.ndarray | None = None,
         meta: dict[str, bytes] | None = None,
+        *,
+        undo: RowBatch | None = None,
+        undo_absent: np.ndarray | None = None,
+        clear_undo: bool = False,
     ) -> None:
-        """Commit puts, deletes and metadata in ONE WriteBatch: readers see all of it or none of it.
+        """Commit puts, deletes, metadata and undo-log changes in ONE WriteBatch: readers see all of it or none of it.
 
         Within the batch puts come first, then deletes, so a fid in both ends up deleted; among duplicate
-        fids in rows the last one wins.
+        fids in rows the last one wins. The undo log is cleared before ``undo`` and ``undo_absent`` are added.
 
         Args:
             rows: rows to insert or overwrite; data must be float32 [n, width].
             delete_fids: int64 [m] fids to delete (missing ones are ignored).
             meta: metadata blobs by name.
+            undo: rows to record in the undo log (replacing entries of the same fids).
+            undo_absent: int64 [k] fids to record in the undo log as having no row.
+            clear_undo: empty the undo log first.
 
         Raises:
             ValueError: rows.data is not [n, width], a fid array is not 1-D integer, or a name is empty.
         """
         db = self._open_db()
         batch = WriteBatch(raw_mode=True)
+        if clear_undo:
+            # Keys are 8 bytes: every one sorts between these two.
+            batch.delete_range(b"\x00", b"\xff" * 9, self._undo_cf)
+        if undo is not None and len(undo):
+            for key, value in zip(_keys(undo.fids), self._pack(undo, "undo"), strict=True):
+                batch.put(key, value, self._undo_cf)
+        if undo_absent is not None:
+            for key in _keys(_fid_array(undo_absent)):
+                batch.put(key, b"", self._undo_cf)
         if rows is not None and len(rows):
-            if rows.width != self.width:
-                raise ValueError(f"rows have width {rows.width}, store width is {self.width}")
             for key, value in zip(_keys(rows.fids), self._pack(rows), strict=True):
                 batch.put(key, value)
         if delete_fids is not None:
@@ -227,13 +250,45 @@ class ColdStore:
             return np.zeros(0, bool), out
         values = db[_keys(fids)]
         found = np.fromiter((v is not None for v in values), bool, len(fids))
-        hits = [v for v in values if v is not None]
-        if hits:
-            rec = self._unpack(hits, fids[found])
-            for name, field in (("versions", "version"), ("freqs", "freq"), ("last_seen", "last_seen")):
-                getattr(out, name)[found] = rec[field]
-            out.data[found] = rec["data"]
+        self._fill(out, found, [v for v in values if v is not None], fids[found])
         return found, out
+
+    def get_undo(self, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray, RowBatch]:
+        """Undo-log entries of fids int64 [n], with one multi-get.
+
+        Returns:
+            logged: bool [n], the fid has an entry.
+            present: bool [n], its entry is a row (logged and not absent).
+            rows: n rows aligned with fids; all zeros where not present.
+        """
+        self._open_db()
+        fids = _fid_array(fids)
+        out = RowBatch.zeros(fids, self.width)
+        if not len(fids):
+            return np.zeros(0, bool), np.zeros(0, bool), out
+        values = self._undo[_keys(fids)]
+        logged = np.fromiter((v is not None for v in values), bool, len(fids))
+        present = np.fromiter((v is not None and len(v) > 0 for v in values), bool, len(fids))
+        self._fill(out, present, [v for v in values if v], fids[present])
+        return logged, present, out
+
+    def undo_log(self) -> tuple[np.ndarray, RowBatch]:
+        """Every undo-log entry in fid order: (present bool [n], rows with all-zero rows where absent)."""
+        self._open_db()
+        items = list(self._undo.items())
+        fids = np.frombuffer(b"".join(k for k, _ in items), ">i8").astype(np.int64)
+        out = RowBatch.zeros(fids, self.width)
+        present = np.fromiter((len(v) > 0 for _, v in items), bool, len(items))
+        self._fill(out, present, [v for _, v in items if v], fids[present])
+        return present, out
+
+    def _fill(self, out: RowBatch, where: np.ndarray, values: list[bytes], fids: np.ndarray) -> None:
+        if not values:
+            return
+        rec = self._unpack(values, fids)
+        for name, field in (("versions", "version"), ("freqs", "freq"), ("last_seen", "last_seen")):
+            getattr(out, name)[where] = rec[field]
+        out.data[where] = rec["data"]
 
     def get_meta(self, name: str) -> bytes | None:
         """The metadata blob stored under name, or None."""
@@ -295,6 +350,7 @@ class ColdStore:
         db = self._open_db()
         db.flush(wait=True)
         self._meta.flush(wait=True)
+        self._undo.flush(wait=True)
         db.flush_wal(sync=True)
 
     def checkpoint(self, dest: str) -> None:
@@ -329,9 +385,10 @@ class ColdStore:
         for gen in list(self._scans):
             gen.close()
         self._meta.close()
+        self._undo.close()
         self._db.close()
         # Handles keep the underlying DB and its LOCK alive until they are dropped.
-        self._db = self._meta = self._meta_cf = None
+        self._db = self._meta = self._meta_cf = self._undo = self._undo_cf = None
 
     def __enter__(self) -> ColdStore:
         return self
@@ -346,7 +403,9 @@ class ColdStore:
             raise RuntimeError(f"ColdStore {self.path} is closed")
         return self._db
 
-    def _pack(self, rows: RowBatch) -> list[bytes]:
+    def _pack(self, rows: RowBatch, what: str = "rows") -> list[bytes]:
+        if rows.width != self.width:
+            raise ValueError(f"{what} have width {rows.width}, store width is {self.width}")
         rec = np.empty(len(rows), self._dtype)
         for field, column in (("version", rows.versions), ("freq", rows.freqs), ("last_seen", rows.last_seen)):
             rec[field] = column

@@ -1,4 +1,4 @@
-"""The embedding store's gRPC service: Pull, Push, Export and Describe over ``EmbeddingTable``s."""
+"""The embedding store's gRPC service: Pull, Push, Export, Describe, Checkpoint and Rollback over ``TieredTable``s."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from freshet.tensors import to_tensor
 from services.store.config import StoreConfig
 from services.store.optimizers import AdagradConfig
 from services.store.tables import TableSpec, tables_from_json
-from services.store.tiered import TieredTable
+from services.store.tiered import RollbackError, TieredTable
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,33 @@ class StoreHandlers:
             else:
                 table.checkpoint(tag)
 
+    async def rollback(self, request: store_pb2.RollbackRequest, context) -> store_pb2.CheckpointResponse:
+        if not self.config.data_dir:
+            raise BadRequest(
+                "this store has no data dir (FRESHET_STORE_DATA_DIR): rollback needs checkpoints, and they need one",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        try:
+            self.rollback_all(request.expected_tag or None)
+        except RollbackError as exc:
+            raise BadRequest(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from None
+        return store_pb2.CheckpointResponse(tables=self.table_infos())
+
+    def rollback_all(self, expected_tag: str | None = None) -> None:
+        """Rolls every table back to its last tagged checkpoint, or none of them.
+
+        Every table is checked before any is changed, so a wrong tag on one rolls back nothing.
+        Synchronous on the event loop, like ``checkpoint_all``: no Pull or Push interleaves, so the
+        shard moves from its current state to the checkpoint in one step.
+
+        Raises:
+            RollbackError: a table has no data dir or another tag; nothing was changed.
+        """
+        for table in self.tables.values():
+            table.check_rollback(expected_tag)
+        for table in self.tables.values():
+            table.rollback(expected_tag)
+
 
 class StoreService(Service):
     """One store shard: tables in memory behind a gRPC server with health checks."""
@@ -190,6 +217,7 @@ class StoreService(Service):
                         "Export": (h.export, store_pb2.ExportRequest),
                         "Describe": (h.describe, store_pb2.DescribeRequest),
                         "Checkpoint": (h.checkpoint, store_pb2.CheckpointRequest),
+                        "Rollback": (h.rollback, store_pb2.RollbackRequest),
                     },
                 )
             ]
@@ -216,7 +244,7 @@ class StoreService(Service):
                 next_evict = now + self.config.maintain_interval_s
             if now >= next_ckpt:
                 for table in self.tables.values():
-                    table.checkpoint(table.checkpoint_info.tag)
+                    table.checkpoint()  # automatic: keeps the tag and the rollback point
                 next_ckpt = now + interval
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=max(0.05, min(next_evict, next_ckpt) - now))
@@ -232,5 +260,5 @@ class StoreService(Service):
             await self.grpc.stop(grace_s=1.0)
         for table in self.tables.values():
             if self.config.data_dir:
-                table.checkpoint(table.checkpoint_info.tag)  # flush state last, after requests stopped
+                table.checkpoint()  # flush state last, after requests stopped (automatic, like above)
             table.close()

@@ -10,6 +10,13 @@ Where a row lives:
 A checkpoint writes the host rows changed since the previous one, the fids evicted since then,
 the version counter and the admission state in one RocksDB WriteBatch: after ``kill -9`` the
 table reopens at exactly its last checkpoint, and reports that checkpoint's id and tag.
+
+Rollback points: a checkpoint with a tag (``checkpoint(tag)``, the Checkpoint RPC) is the point
+``rollback`` returns to. Checkpoints the table takes on its own (``checkpoint()``: periodic, before
+demotion, on stop) keep the tag and the rollback point; before one overwrites or deletes a RocksDB
+row for the first time since the rollback point, it records the row's old value (or its absence)
+in the undo log (``ColdStore``, same WriteBatch), so ``rollback`` can still restore the point, even
+after a restart. The next tagged checkpoint clears the log.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numba
 import numpy as np
@@ -35,6 +42,15 @@ from services.store.tables import TableSpec
 logger = logging.getLogger(__name__)
 
 META_CHECKPOINT = "checkpoint"
+META_POINT = "rollback_point"
+META_LAST_ID = "last_checkpoint_id"  # written by rollback: ids stay unique after going back to an older one
+# Admission state of the rollback point, copied here by the first automatic checkpoint after it
+# (which overwrites the live ``admission:*`` blobs).
+POINT_PREFIX = "rollback/"
+
+
+class RollbackError(RuntimeError):
+    """A rollback cannot be done: no data dir, or the rollback point is not the one expected."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,14 @@ class TieredTable(EmbeddingTable):
         self._admission: dict[int, Admission] = {}
         self._version = 0
         self._checkpoint = CheckpointInfo(0, 0, "", 0.0)
+        self._last_id = 0  # the highest checkpoint id given out, the next one is above it
+        # The last tagged checkpoint (what ``rollback`` restores); None before any: then the last
+        # checkpoint of any kind is restored, and automatic checkpoints keep no undo log.
+        self._point: CheckpointInfo | None = None
+        # Fids whose rows a rollback removed (created after the rollback point), with the version of
+        # their removal: exported with their initial value until they get a row again.
+        self._dropped_fids = np.zeros(0, np.int64)
+        self._dropped_versions = np.zeros(0, np.int64)
         # Fids evicted since the last checkpoint: RocksDB still holds them until then, so reads
         # of RocksDB treat them as absent, and the next checkpoint deletes them.
         self._evicted: set[int] = set()
@@ -98,7 +122,13 @@ class TieredTable(EmbeddingTable):
 
     @property
     def checkpoint_info(self) -> CheckpointInfo:
+        """The last checkpoint (tagged or automatic); its tag is the rollback point's."""
         return self._checkpoint
+
+    @property
+    def rollback_point(self) -> CheckpointInfo:
+        """What ``rollback`` restores: the last tagged checkpoint, else the last checkpoint."""
+        return self._point or self._checkpoint
 
     def __len__(self) -> int:
         return len(self.host)
@@ -336,7 +366,7 @@ class TieredTable(EmbeddingTable):
         if self.cold is None or n <= 0:
             return 0
         if self.host.changed_rows(self._checkpoint.version).size:
-            self.checkpoint(tag=self._checkpoint.tag)  # only clean rows may leave the host
+            self.checkpoint()  # only clean rows may leave the host
         live = self.host.live_rows()
         score = self.host.freqs[live] if self.spec.demotion == "lfu" else self.host.last_seen[live]
         victims = live[np.argsort(score, kind="stable")[:n]]
@@ -348,6 +378,11 @@ class TieredTable(EmbeddingTable):
     # -- export ------------------------------------------------------------------------------------
 
     def export(self, since_version: int, limit: int) -> ExportPage:
+        """Rows changed after ``since_version`` in version order (see ``EmbeddingTable.export``).
+
+        Fids whose rows a ``rollback`` removed come with their initial value (what a Pull returns
+        for them) and the version of the rollback, until they get a row again.
+        """
         dim = self.spec.dim
         rows = self.host.changed_rows(since_version)
         fids = self.host.fids_of(rows)
@@ -363,6 +398,11 @@ class TieredTable(EmbeddingTable):
                 fids = np.concatenate([fids, cold.fids[keep]])
                 values = np.concatenate([values, cold.data[keep, :dim]])
                 versions = np.concatenate([versions, cold.versions[keep]])
+        gone, gone_versions = self._dropped_since(since_version)
+        if len(gone):
+            fids = np.concatenate([fids, gone])
+            values = np.concatenate([values, initial_values(gone, dim, self.spec.init_scale, self.spec.seed)])
+            versions = np.concatenate([versions, gone_versions])
         order = np.argsort(versions, kind="stable")
         has_more = len(order) > limit
         page = order[:limit]
@@ -378,13 +418,30 @@ class TieredTable(EmbeddingTable):
             has_more=has_more,
         )
 
+    def _dropped_since(self, since_version: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fids a rollback removed after ``since_version`` that still have no row: (fids, versions)."""
+        sel = self._dropped_versions > since_version
+        fids, versions = self._dropped_fids[sel], self._dropped_versions[sel]
+        if len(fids):
+            absent = self.host.find(fids) < 0
+            if absent.any():
+                absent[absent] = ~self._cold_get(fids[absent])[0]
+            fids, versions = fids[absent], versions[absent]
+        return fids, versions
+
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def checkpoint(self, tag: str = "") -> CheckpointInfo:
+    def checkpoint(self, tag: str | None = None) -> CheckpointInfo:
         """Makes the current state durable in one atomic RocksDB write; returns what it captured.
 
         Only what changed since the previous checkpoint is written (incremental); RocksDB then
         holds the complete table as of this checkpoint.
+
+        Args:
+            tag: the caller's tag (e.g. the trainer's stream position): this checkpoint becomes the
+                rollback point, and the undo log is cleared. ``None``: an automatic checkpoint; it
+                keeps the current tag and rollback point, and logs the RocksDB rows it overwrites or
+                deletes for the first time since that point.
 
         Raises:
             RuntimeError: the table has no data dir.
@@ -399,31 +456,192 @@ class TieredTable(EmbeddingTable):
             last_seen=self.host.last_seen[rows],
             data=self.host.floats[rows, 2:],
         )
-        evicted = np.fromiter(self._evicted, np.int64, len(self._evicted)) if self._evicted else None
-        info = CheckpointInfo(self._checkpoint.checkpoint_id + 1, self._version, tag, time.time())
-        meta = {META_CHECKPOINT: json.dumps(info.__dict__).encode()}
-        for slot, admission in self._admission.items():
-            meta[f"admission:{slot}"] = admission.state_bytes()
-        meta["admission_slots"] = json.dumps([f"admission:{slot}" for slot in self._admission]).encode()
-        self.cold.write(rows=batch, delete_fids=evicted, meta=meta)
+        evicted = np.fromiter(self._evicted, np.int64, len(self._evicted))
+        info = CheckpointInfo(
+            self._last_id + 1,
+            self._version,
+            self._checkpoint.tag if tag is None else tag,
+            time.time(),
+        )
+        meta = {META_CHECKPOINT: _info_bytes(info), **self._admission_meta()}
+        undo = undo_absent = None
+        if tag is not None:
+            meta[META_POINT] = meta[META_CHECKPOINT]
+        elif self._point is not None:
+            undo, undo_absent = self._pre_images(np.concatenate([batch.fids, evicted]))
+            self.stats["undo_rows"] += len(undo) + len(undo_absent)
+            if self._checkpoint.checkpoint_id == self._point.checkpoint_id:
+                meta.update(self._copy_point_admission())  # the live blobs are about to be overwritten
+        self.cold.write(
+            rows=batch,
+            delete_fids=evicted if len(evicted) else None,
+            meta=meta,
+            undo=undo,
+            undo_absent=undo_absent,
+            clear_undo=tag is not None,
+        )
         self.cold.flush()
         self._evicted.clear()
         self._checkpoint = info
+        self._last_id = info.checkpoint_id
+        if tag is not None:
+            self._point = info
         self._cold_max_version = max(self._cold_max_version, self._version)
         self.stats["checkpoint_rows"] += len(batch)
+        if len(self._dropped_fids):  # fids with a row again are exported as rows
+            alive = self.host.find(self._dropped_fids) >= 0
+            self._dropped_fids, self._dropped_versions = self._dropped_fids[~alive], self._dropped_versions[~alive]
         return info
 
+    def _admission_meta(self) -> dict[str, bytes]:
+        meta = {f"admission:{slot}": admission.state_bytes() for slot, admission in self._admission.items()}
+        meta["admission_slots"] = json.dumps([f"admission:{slot}" for slot in self._admission]).encode()
+        return meta
+
+    def _pre_images(self, fids: np.ndarray) -> tuple[RowBatch, np.ndarray]:
+        """Rows of fids at the rollback point, for fids not in the undo log yet: (rows, fids without one).
+
+        A fid without an entry was not overwritten since the point, so RocksDB still holds its row
+        as of the point (or none).
+        """
+        fids = np.unique(fids)
+        logged = self.cold.get_undo(fids)[0]
+        fresh = fids[~logged]
+        found, rows = self.cold.get(fresh)
+        return rows.take(found), fresh[~found]
+
+    def _copy_point_admission(self) -> dict[str, bytes]:
+        names = self._meta_admission_names()
+        copy = {POINT_PREFIX + "admission_slots": json.dumps(names).encode()}
+        copy.update({POINT_PREFIX + name: self.cold.get_meta(name) for name in names})
+        return copy
+
+    def _point_admission(self, point: CheckpointInfo) -> dict[str, bytes] | None:
+        """Admission blobs of the rollback point by name; None when the live ones are the point's."""
+        if point.checkpoint_id == 0:
+            return {}
+        if self._checkpoint.checkpoint_id == point.checkpoint_id:
+            return None
+        names = json.loads(self.cold.get_meta(POINT_PREFIX + "admission_slots") or b"[]")
+        return {name: self.cold.get_meta(POINT_PREFIX + name) for name in names}
+
     def snapshot(self, dest: str, tag: str = "") -> CheckpointInfo:
-        """A full, self-contained copy of the table at a new checkpoint, in directory ``dest``."""
+        """A full, self-contained copy of the table at a new (tagged) checkpoint, in directory ``dest``."""
         info = self.checkpoint(tag)
         self.cold.checkpoint(dest)
         return info
+
+    # -- rollback ----------------------------------------------------------------------------------
+
+    def check_rollback(self, expected_tag: str | None = None) -> CheckpointInfo:
+        """The checkpoint ``rollback`` would return to.
+
+        Raises:
+            RollbackError: the table has no data dir, or ``expected_tag`` is not None and differs
+                from that checkpoint's tag.
+        """
+        if self.cold is None:
+            raise RollbackError(
+                f"table {self.spec.name!r} has no data dir: rollback needs checkpoints, and they need one"
+            )
+        point = self.rollback_point
+        if expected_tag is not None and expected_tag != point.tag:
+            raise RollbackError(
+                f"table {self.spec.name!r}: expected checkpoint tag {expected_tag!r}, but the last checkpoint's "
+                f"tag is {point.tag!r} (checkpoint id {point.checkpoint_id}); nothing was rolled back"
+            )
+        return point
+
+    def rollback(self, expected_tag: str | None = None) -> CheckpointInfo:
+        """Returns the table to its rollback point (the last tagged checkpoint); returns that checkpoint.
+
+        Afterwards every read returns what it returned right after that checkpoint: rows changed
+        since then have their values and optimizer state back, rows evicted or demoted since are
+        readable again, rows created since read their initial value again, admission resumes from
+        the checkpoint's state, and the device cache holds no stale row. So further pushes give
+        exactly what they give on a table reopened from that checkpoint.
+
+        Versions only grow: each restored row gets a new version, and so does each removed row,
+        which ``export`` reports with its initial value until the fid gets a row again.
+
+        Args:
+            expected_tag: when not None, the rollback point's tag must equal it.
+
+        Raises:
+            RollbackError: see ``check_rollback``; nothing is changed then.
+        """
+        point = self.check_rollback(expected_tag)
+        # Every fid changed since the point: rows written since the last checkpoint, fids evicted
+        # since it, and what automatic checkpoints since the point overwrote (the undo log).
+        undo_present, undo = self.cold.undo_log()
+        changed = self.host.fids_of(self.host.changed_rows(point.version))
+        evicted = np.fromiter(self._evicted, np.int64, len(self._evicted))
+        fids = np.unique(np.concatenate([changed, evicted, undo.fids]))
+        # Their state at the point: the undo log's entry, else RocksDB's row (not overwritten since).
+        found, rows = self.cold.get(fids)
+        at = np.searchsorted(fids, undo.fids)
+        found[at] = undo_present
+        for name in ("versions", "freqs", "last_seen", "data"):
+            getattr(rows, name)[at] = getattr(undo, name)
+
+        # RocksDB back to the point, in one write: logged rows restored, rows created since deleted,
+        # the log cleared, the point's checkpoint record and admission state live again.
+        admission = self._point_admission(point)
+        meta = {META_LAST_ID: str(self._last_id).encode()}
+        if point.checkpoint_id:
+            meta[META_CHECKPOINT] = _info_bytes(point)
+        if admission:
+            meta["admission_slots"] = json.dumps(list(admission)).encode()
+            meta.update(admission)
+        self.cold.write(
+            rows=undo.take(undo_present), delete_fids=undo.fids[~undo_present], meta=meta, clear_undo=True
+        )
+        self.cold.flush()
+        self._admission = {}
+        for name in self._meta_admission_names() if admission is None else admission:
+            self._admission_for(int(name.split(":", 1)[1])).load_state(self.cold.get_meta(name))
+
+        # The host: changed rows replaced by their state at the point, under new versions so that
+        # exporters pick them up; rows created since removed.
+        self.host.erase(fids)
+        back = rows.take(found)
+        host_rows = self._load_rows(back)
+        self.host.versions[host_rows] = self._version + 1 + np.arange(len(back))
+        self._version += len(back)
+        gone = fids[~found]
+        old = ~np.isin(self._dropped_fids, gone)
+        self._dropped_fids = np.concatenate([self._dropped_fids[old], gone])
+        self._dropped_versions = np.concatenate(
+            [self._dropped_versions[old], self._version + 1 + np.arange(len(gone), dtype=np.int64)]
+        )
+        self._version += len(gone)
+        self._evicted.clear()
+        self._checkpoint = point
+        self.refresh_cache()  # a changed or removed row must not stay readable from the cache
+        self.stats["rollbacks"] += 1
+        self.stats["rollback_restored"] += len(back)
+        self.stats["rollback_removed"] += len(gone)
+        logger.info(
+            "table rolled back",
+            extra={
+                "table": self.spec.name,
+                "checkpoint_id": point.checkpoint_id,
+                "tag": point.tag,
+                "restored": len(back),
+                "removed": len(gone),
+                "version": self._version,
+            },
+        )
+        return point
 
     def _restore(self) -> None:
         raw = self.cold.get_meta(META_CHECKPOINT)
         if raw is None:
             return
         self._checkpoint = CheckpointInfo(**json.loads(raw))
+        self._last_id = max(self._checkpoint.checkpoint_id, int(self.cold.get_meta(META_LAST_ID) or 0))
+        point = self.cold.get_meta(META_POINT)
+        self._point = CheckpointInfo(**json.loads(point)) if point is not None else None
         self._version = self._checkpoint.version
         self._cold_max_version = self._version
         for name in self._meta_admission_names():
@@ -449,3 +667,7 @@ class TieredTable(EmbeddingTable):
     def bytes_per_row(self) -> float:
         """Host memory per stored row (index, slab and headers)."""
         return self.host.nbytes() / max(len(self.host), 1)
+
+
+def _info_bytes(info: CheckpointInfo) -> bytes:
+    return json.dumps(asdict(info)).encode()

@@ -263,6 +263,28 @@ def test_checkpoint_replaces_a_leftover_tmp_dir_from_a_crashed_checkpoint(store:
         assert len(ckpt) == 1
 
 
+def test_the_undo_log_keeps_rows_and_absences_apart_from_the_rows_until_cleared(tmp_path: Path):
+    path = str(tmp_path / "cold")
+    with ColdStore(path, WIDTH) as s:
+        old = _rows([5, 7], version=3, seed=1)
+        s.write(rows=_rows([5, 7, 9], version=4, seed=2), undo=old, undo_absent=np.array([9]))
+        assert len(s) == 3 and [b.fids.tolist() for b in s.scan()] == [[5, 7, 9]]  # rows never see the log
+    with ColdStore(path, WIDTH) as s:  # durable
+        logged, present, rows = s.get_undo(np.array([9, 7, 1, 5]))
+        assert logged.tolist() == [True, True, False, True] and present.tolist() == [False, True, False, True]
+        np.testing.assert_array_equal(rows.data[[3, 1]], old.data)
+        np.testing.assert_array_equal(rows.versions[[3, 1]], [3, 3])
+        present, log = s.undo_log()
+        assert log.fids.tolist() == [5, 7, 9] and present.tolist() == [True, True, False]
+        np.testing.assert_array_equal(log.data[:2], old.data)
+
+        s.write(rows=_rows([11]), clear_undo=True, undo_absent=np.array([11]))  # cleared first, then added
+        present, log = s.undo_log()
+        assert log.fids.tolist() == [11] and present.tolist() == [False]
+        s.write(clear_undo=True)
+        assert len(s.undo_log()[1]) == 0 and len(s) == 4
+
+
 def test_rows_of_the_wrong_width_are_rejected(store: ColdStore):
     rows = RowBatch(np.array([1]), np.array([1]), np.array([1]), np.array([1]), np.zeros((1, WIDTH + 1)))
 
@@ -318,7 +340,8 @@ def test_a_stored_value_of_the_wrong_length_raises_naming_the_fid(tmp_path: Path
     path = str(tmp_path / "cold")
     with ColdStore(path, WIDTH) as s:
         s.put(_rows([1, 2, 3]))
-    raw = Rdict(path, Options(raw_mode=True), column_families={"meta": Options(raw_mode=True)})
+    cfs = {"meta": Options(raw_mode=True), "undo": Options(raw_mode=True)}
+    raw = Rdict(path, Options(raw_mode=True), column_families=cfs)
     raw[(2).to_bytes(8, "big")] = b"truncated"
     raw.close()
 

@@ -104,6 +104,12 @@ class CheckpointRequest(_message.Message):
     snapshot_dir: str
     def __init__(self, tag: _Optional[str] = ..., snapshot_dir: _Optional[str] = ...) -> None: ...
 
+class RollbackRequest(_message.Message):
+    __slots__ = ("expected_tag",)
+    EXPECTED_TAG_FIELD_NUMBER: _ClassVar[int]
+    expected_tag: str
+    def __init__(self, expected_tag: _Optional[str] = ...) -> None: ...
+
 class CheckpointResponse(_message.Message):
     __slots__ = ("tables",)
     TABLES_FIELD_NUMBER: _ClassVar[int]

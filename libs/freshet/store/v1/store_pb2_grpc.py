@@ -60,6 +60,11 @@ class EmbeddingStoreStub:
                 request_serializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/freshet.store.v1.EmbeddingStore/Rollback',
+                request_serializer=freshet_dot_store_dot_v1_dot_store__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -102,6 +107,18 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Returns every table of the shard to its last Checkpoint (automatic checkpoints in between
+        are undone too), e.g. when a trainer restarts from the stream position it checkpointed.
+        Reads then equal those right after that checkpoint; restored rows, and rows removed because
+        they were created after it (exported with their initial value), get new versions, so Export
+        streams the change. No data dir, or a tag other than expected_tag: FAILED_PRECONDITION,
+        and no table is changed. Answers the tables' info after the rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +145,11 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.Checkpoint,
                     request_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointRequest.FromString,
+                    response_serializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.RollbackRequest.FromString,
                     response_serializer=freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.SerializeToString,
             ),
     }
@@ -266,6 +288,33 @@ class EmbeddingStore:
             target,
             '/freshet.store.v1.EmbeddingStore/Checkpoint',
             freshet_dot_store_dot_v1_dot_store__pb2.CheckpointRequest.SerializeToString,
+            freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshet.store.v1.EmbeddingStore/Rollback',
+            freshet_dot_store_dot_v1_dot_store__pb2.RollbackRequest.SerializeToString,
             freshet_dot_store_dot_v1_dot_store__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
