@@ -91,6 +91,16 @@ async def test_push_with_wrongly_shaped_grads_is_invalid_argument(client):
     assert "grads shape [2, 10] does not match [2, 9]" in details
 
 
+async def test_push_counts_grow_row_frequencies_and_bad_counts_are_invalid_argument(store, client):
+    fids = np.array([1, 2], np.int64)
+    await client.push("fm", fids, np.ones((2, _DIM), np.float32), counts=np.array([4, 1]))
+    table = store.tables["fm"]
+    assert table.host.freqs[table.host.find(fids)].tolist() == [4, 1]
+    code, details = await code_of(client.push("fm", fids, np.ones((2, _DIM), np.float32), counts=np.array([1, 0])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "counts must be 2 positive int32 values" in details
+
+
 async def test_fids_tensor_with_float32_dtype_is_invalid_argument(stub):
     request = store_pb2.PullRequest(table="fm", fids=to_tensor(np.array([1.0, 2.0], np.float32)))
     code, details = await code_of(stub.Pull(request, timeout=_TIMEOUT))

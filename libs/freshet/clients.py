@@ -63,9 +63,11 @@ class StoreClient(_Client):
         resp = await self.stub.Pull(store_pb2.PullRequest(table=table, fids=to_tensor(fids)), **self._kw())
         return from_tensor(resp.values, np.float32, 2, "values")
 
-    async def push(self, table: str, fids: np.ndarray, grads: np.ndarray) -> int:
-        """Applies gradients float32 [n, dim]; returns the table version after the update."""
+    async def push(self, table: str, fids: np.ndarray, grads: np.ndarray, counts: np.ndarray | None = None) -> int:
+        """Applies gradients float32 [n, dim] (summed over ``counts`` samples each); returns the table version."""
         req = store_pb2.PushRequest(table=table, fids=to_tensor(fids), grads=to_tensor(grads.astype(np.float32)))
+        if counts is not None:
+            req.counts.CopyFrom(to_tensor(np.asarray(counts, np.int32)))
         resp = await self.stub.Push(req, **self._kw())
         return resp.version
 
@@ -140,19 +142,26 @@ class ShardedStoreClient:
                 values[idx] = next(it)
         return values if inverse is None else values[inverse]
 
-    async def push(self, table: str, fids: np.ndarray, grads: np.ndarray) -> list[int]:
-        """Applies gradients float32 [n, dim]; returns each shard's table version after the update."""
+    async def push(
+        self, table: str, fids: np.ndarray, grads: np.ndarray, counts: np.ndarray | None = None
+    ) -> list[int]:
+        """Applies gradients float32 [n, dim]; returns each shard's table version after the update.
+
+        ``counts`` (int [n], optional): the samples each gradient sums over, for the store's row frequencies.
+        """
         unique, inverse = self._dedupe(fids)
         if inverse is None:
             summed = grads
         else:
             summed = np.zeros((len(unique), grads.shape[1]), np.float32)
             np.add.at(summed, inverse, grads)
+            if counts is not None:
+                counts = np.bincount(inverse, weights=counts, minlength=len(unique)).astype(np.int32)
         parts = self._split(unique)
         return list(
             await asyncio.gather(
                 *(
-                    shard.push(table, unique[idx], summed[idx])
+                    shard.push(table, unique[idx], summed[idx], None if counts is None else counts[idx])
                     for shard, idx in zip(self.shards, parts, strict=True)
                     if len(idx)
                 )

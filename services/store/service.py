@@ -89,7 +89,12 @@ class StoreHandlers:
         if not np.isfinite(grads).all():
             bad = int((~np.isfinite(grads)).any(axis=1).sum())
             raise BadRequest(f"grads contain non-finite values in {bad} rows; nothing was applied")
-        updated = table.push(fids, grads)
+        counts = None
+        if request.HasField("counts"):
+            counts = tensor_arg(request.counts, np.int32, 1, "counts")
+            if counts.shape != (len(fids),) or (counts < 1).any():
+                raise BadRequest(f"counts must be {len(fids)} positive int32 values, one per fid")
+        updated = table.push(fids, grads, counts)
         return store_pb2.PushResponse(version=table.version, rows_updated=updated)
 
     async def export(self, request: store_pb2.ExportRequest, context) -> store_pb2.ExportResponse:

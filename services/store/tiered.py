@@ -207,9 +207,14 @@ class TieredTable(EmbeddingTable):
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def push(self, fids: np.ndarray, grads: np.ndarray) -> int:
-        """Sums duplicate fids, admits new ones, applies the optimizer; returns rows updated."""
-        unique, inverse, counts = np.unique(fids, return_inverse=True, return_counts=True)
+    def push(self, fids: np.ndarray, grads: np.ndarray, counts: np.ndarray | None = None) -> int:
+        """Sums duplicate fids, admits new ones, applies the optimizer; returns rows updated.
+
+        ``counts`` (int [n]): how many samples each gradient sums over (default 1 each); the rows'
+        frequencies grow by them.
+        """
+        unique, inverse, occurrences = np.unique(fids, return_inverse=True, return_counts=True)
+        counts = occurrences if counts is None else np.bincount(inverse, weights=counts, minlength=len(unique))
         summed = np.zeros((len(unique), self.spec.dim), np.float32)
         _segment_sum(inverse.astype(np.int64), np.ascontiguousarray(grads, np.float32), summed)
         rows = self.host.find(unique)

@@ -141,9 +141,13 @@ class Learner:
         return (per * weights).sum()
 
     async def push(self, prep: Prepared, computed: Computed) -> None:
-        await asyncio.gather(
-            *(self.store.push(name, prep.plan.tables[name].fids, grad) for name, grad in computed.grads.items())
-        )
+        """Pushes each table's gradients with the number of samples behind each (the rows' frequencies)."""
+        pushes = []
+        for name, grad in computed.grads.items():
+            table = prep.plan.tables[name]
+            counts = np.bincount(table.rows, minlength=len(table.fids)).astype(np.int32)
+            pushes.append(self.store.push(name, table.fids, grad, counts))
+        await asyncio.gather(*pushes)
 
     async def learn(self, batch: SampleArrays) -> np.ndarray:
         """One unpipelined step; returns the click probabilities before training."""
@@ -373,18 +377,17 @@ class TrainerService(NatsMixin, Service):
             prep = await self.learner.prepare(batch)
             computed = await asyncio.to_thread(self.learner.compute, prep)
             await self.learner.push(prep, computed)
-            await self._after_step()
+            await self._after_step(boundary=False)
         logger.info("dataset trained", extra={"source": source, "samples": self.learner.samples_trained})
 
     async def _fetch(self) -> Fetched | None:
-        """The next messages with at least one sample (malformed ones dead-lettered), or None when stopping."""
+        """The next messages (malformed ones dead-lettered; none after a quiet fetch timeout), or None when stopping."""
         while not self.stopping.is_set():
+            fetched = Fetched([])
             try:
                 msgs = await self.sub.fetch(self.config.fetch_batch, timeout=self.config.fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
-                await self._maybe_checkpoint()
-                continue
-            fetched = Fetched([])
+                return fetched  # nothing new: lets the training loop checkpoint while the stream is quiet
             for msg in msgs:
                 try:
                     fetched.batches.append(decode_samples(msg.data))
@@ -439,14 +442,17 @@ class TrainerService(NatsMixin, Service):
                     for msg in done.msgs:
                         await msg.ack()
                     self.position = max(self.position, done.last_seq)
-                await self._after_step()
+                # Checkpoints only between fetches: mid-fetch, the store holds pushes of samples that
+                # the position does not cover yet.
+                await self._after_step(boundary=done is not None)
                 step_done.set()
         finally:
             producer.cancel()
 
-    async def _after_step(self) -> None:
+    async def _after_step(self, boundary: bool) -> None:
         await self._maybe_publish_dense()
-        await self._maybe_checkpoint()
+        if boundary:
+            await self._maybe_checkpoint()
         self._maybe_log()
 
     async def _maybe_checkpoint(self, force: bool = False) -> None:

@@ -663,3 +663,15 @@ def test_a_table_from_dict_config_runs_with_count_admission_and_capacity(tmp_pat
     assert table.stats["admitted"] == 80 and len(table.host) <= 50
     assert not np.array_equal(table.pull(fids), _initial(spec, fids))
     table.close()
+
+
+def test_push_counts_grow_row_frequencies_by_the_samples_behind_each_gradient():
+    from services.store.tables import TableSpec
+    from services.store.tiered import TieredTable
+
+    table = TieredTable(TableSpec("f", 2))
+    fids = np.array([5, 9, 5], np.int64)
+    table.push(fids, np.zeros((3, 2), np.float32), counts=np.array([3, 1, 2], np.int32))
+    table.push(np.array([9], np.int64), np.zeros((1, 2), np.float32))  # no counts: one per entry
+    rows = table.host.find(np.array([5, 9], np.int64))
+    assert table.host.freqs[rows].tolist() == [5, 2]

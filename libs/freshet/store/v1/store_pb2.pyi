@@ -24,14 +24,16 @@ class PullResponse(_message.Message):
     def __init__(self, values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("table", "fids", "grads")
+    __slots__ = ("table", "fids", "grads", "counts")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     FIDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     table: str
     fids: _tensor_pb2.Tensor
     grads: _tensor_pb2.Tensor
-    def __init__(self, table: _Optional[str] = ..., fids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grads: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    counts: _tensor_pb2.Tensor
+    def __init__(self, table: _Optional[str] = ..., fids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grads: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counts: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("version", "rows_updated")
