@@ -16,6 +16,11 @@ class PublisherConfig:
     )
     model: str = env_field("FRESHET_MODEL", "model name: subjects dense.<model>, model.<model>.*", "fm")
     table: str = env_field("FRESHET_TABLE", "embedding store table of the model's rows", "fm")
+    model_config: str = env_field(
+        "FRESHET_MODEL_CONFIG",
+        "the model as JSON or @<path> (the trainer's setting); checked against FRESHET_TABLE",
+        "",
+    )
     interval_s: float = env_field("FRESHET_PUBLISH_INTERVAL_S", "seconds between delta exports", 0.1)
     max_rows_per_delta: int = env_field(
         "FRESHET_DELTA_MAX_ROWS", "rows per delta message (keeps messages under NATS' 1 MB payload)", 20_000

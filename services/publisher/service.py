@@ -21,6 +21,7 @@ from freshet.clients import StoreClient
 from freshet.config import BusConfig
 from freshet.delta import Delta, decode_delta, delta_subject
 from freshet.model.v1 import model_pb2
+from freshet.models import model_from_setting
 from freshet.runtime import NatsMixin, Service
 from freshet.tensors import from_tensor
 from services.publisher.config import PublisherConfig
@@ -48,6 +49,13 @@ class PublisherService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
+        tables = model_from_setting(config.model_config).tables()
+        if list(tables) != [config.table]:
+            raise ValueError(
+                f"the publisher streams one table (FRESHET_TABLE={config.table!r}) but the model "
+                f"(FRESHET_MODEL_CONFIG) has tables {sorted(tables)}: models with several tables (per-slot "
+                "dims) train, but cannot be served yet"
+            )
         addresses = [a.strip() for a in config.store_address.split(",") if a.strip()]
         self.shards = [ShardCursor(i, StoreClient(a)) for i, a in enumerate(addresses)]
         self.dense_step = -1
