@@ -213,10 +213,15 @@ class TieredTable(EmbeddingTable):
         ``counts`` (int [n]): how many samples each gradient sums over (default 1 each); the rows'
         frequencies grow by them.
         """
-        unique, inverse, occurrences = np.unique(fids, return_inverse=True, return_counts=True)
-        counts = occurrences if counts is None else np.bincount(inverse, weights=counts, minlength=len(unique))
-        summed = np.zeros((len(unique), self.spec.dim), np.float32)
-        _segment_sum(inverse.astype(np.int64), np.ascontiguousarray(grads, np.float32), summed)
+        if len(fids) < 2 or bool((fids[1:] > fids[:-1]).all()):
+            # Already sorted and distinct (what the trainer sends): no unique, no segment sum.
+            unique, summed = fids, np.array(grads, np.float32, copy=True)
+            counts = np.ones(len(fids), np.int64) if counts is None else np.asarray(counts, np.int64)
+        else:
+            unique, inverse, occurrences = np.unique(fids, return_inverse=True, return_counts=True)
+            counts = occurrences if counts is None else np.bincount(inverse, weights=counts, minlength=len(unique))
+            summed = np.zeros((len(unique), self.spec.dim), np.float32)
+            _segment_sum(inverse.astype(np.int64), np.ascontiguousarray(grads, np.float32), summed)
         rows = self.host.find(unique)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
