@@ -53,7 +53,10 @@ bench-device-cache: $(STAMP) ## device cache on CPU (and CUDA when present) -> b
 bench-joiner: $(STAMP) ## joiner throughput and join latency -> bench/results/joiner.json (+ joiner.md)
 	$(BIN)/python bench/joiner_bench.py
 
+bench-train: $(STAMP) ## samples/s through joiner -> trainer -> store vs static torch -> bench/results/train.json (+ train.md)
+	$(BIN)/python bench/train_bench.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help setup protos protos-check lint format test test-unit demo bench-store bench-device-cache bench-joiner clean
+.PHONY: help setup protos protos-check lint format test test-unit demo bench-store bench-device-cache bench-joiner bench-train clean
