@@ -19,7 +19,9 @@ Watermark
     ``idle_timeout_ms`` of processing time, the watermark advances by the processing time elapsed since the
     last arrival and then keeps pace with processing time until events resume, so windows still close when
     traffic stops. Processing time is not persisted: after a restart the first ``advance`` counts as an
-    arrival (a restarted joiner first catches up on its backlog instead of closing windows at once).
+    arrival (a restarted joiner first catches up on its backlog instead of closing windows at once). A caller
+    whose input still holds unread events says so (``advance(now, input_drained=False)``), which also counts
+    as an arrival: a reader that falls behind does not make its partition idle.
 
 Labels and versions
     The label vector is ``[click, like, share, dwell_seconds]``: 1.0 in the slot of a CLICK, LIKE or SHARE,
@@ -295,9 +297,13 @@ class EventJoin:
                 self.state.put_window(key, corrected)
         return self._observe(ev.event_time_ms, out)
 
-    def advance(self, now_processing_ms: int) -> list[JoinedSample]:
-        """Note processing time, move an idle partition's watermark, and fire due windows in event-time order."""
-        if self._arrivals or self._last_arrival_ms is None:
+    def advance(self, now_processing_ms: int, input_drained: bool = True) -> list[JoinedSample]:
+        """Note processing time, move an idle partition's watermark, and fire due windows in event-time order.
+
+        ``input_drained=False`` (events are waiting to be read, the reader is only slow) counts as an
+        arrival: a partition is idle only when nothing is waiting, not when its reader falls behind.
+        """
+        if self._arrivals or self._last_arrival_ms is None or not input_drained:
             self._arrivals = 0
             self._last_arrival_ms = self._idle_mark_ms = now_processing_ms
         elif self._watermark_ms is not None and (

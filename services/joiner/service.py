@@ -26,6 +26,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import nats
 import numpy as np
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -256,10 +257,19 @@ class JoinerService(NatsMixin, Service):
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.config.tick_s)
             except TimeoutError:
                 pass
+            drained = await self._drained(part)
             async with part.lock:
-                fired = part.join.advance(bus.now_ms())
+                fired = part.join.advance(bus.now_ms(), input_drained=drained)
                 if fired:
                     await self._emit(part, fired, [])
+
+    async def _drained(self, part: PartitionJoin) -> bool:
+        """Whether the partition's consumer has nothing waiting: only then may its watermark follow the clock."""
+        try:
+            info = await self.js.consumer_info(part.spec.stream, part.spec.durable)
+        except (NotFoundError, nats.errors.Error):
+            return True  # not created yet, or NATS unreachable: the clock decides, as without this check
+        return info.num_pending == 0
 
     async def _emit(self, part: PartitionJoin, produced: list[JoinedSample], parents: list[dict]) -> None:
         """Stages the samples in the outbox, commits, publishes them and waits for every acknowledgement."""

@@ -14,6 +14,9 @@ class PredictorConfig:
     host: str = env_field("FRESHET_PREDICTOR_HOST", "interface the gRPC server binds", "127.0.0.1")
     port: int = env_field("FRESHET_PREDICTOR_PORT", "gRPC port; 0 picks a free one", 50052)
     model: str = env_field("FRESHET_MODEL", "model served: follows model.<model>.decision", "fm")
+    torch_threads: int = env_field(
+        "FRESHET_TORCH_THREADS", "torch intra-op threads for scoring (0: torch's default, all cores)", 1
+    )
     model_config: str = env_field(
         "FRESHET_MODEL_CONFIG",
         "the model as JSON or @<path> (the trainer's setting); empty: the default model",

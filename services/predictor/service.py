@@ -12,6 +12,7 @@ import logging
 
 import grpc
 import numpy as np
+import torch
 from google.protobuf.message import DecodeError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -44,6 +45,8 @@ class PredictorService(NatsMixin, Service):
         super().__init__()
         self.config = config
         self.bus_config = bus_config
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
         self.replica = Replica(model_from_setting(config.model_config))
         self.grpc: GrpcServer | None = None
         self.gaps = 0

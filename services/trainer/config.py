@@ -57,6 +57,11 @@ class TrainerConfig:
     log_interval_s: float = env_field("FRESHET_TRAIN_LOG_INTERVAL_S", "seconds between progress logs", 5.0)
     metrics_window: int = env_field("FRESHET_TRAIN_METRICS_WINDOW", "samples in the sliding-window AUC", 10_000)
     seed: int = env_field("FRESHET_TRAIN_SEED", "seed of the dense initialisation", 0)
+    torch_threads: int = env_field(
+        "FRESHET_TORCH_THREADS",
+        "torch intra-op threads (0: torch's default, all cores); small CTR models run fastest on one",
+        1,
+    )
 
     def __post_init__(self) -> None:
         if self.start not in START_MODES and not (self.start.startswith("seq:") and self.start[4:].isdigit()):

@@ -219,6 +219,8 @@ class TrainerService(NatsMixin, Service):
         self.config = config
         self.bus_config = bus_config
         self.model_config = config.model_spec()
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
         self.store = ShardedStoreClient([a.strip() for a in config.store_address.split(",") if a.strip()])
         self.learner = Learner(
             self.model_config, self.store, config.dense_lr, seed=config.seed, metrics_window=config.metrics_window

@@ -446,6 +446,15 @@ def test_idle_partition_advances_watermark_by_elapsed_processing_time():
     assert [s.sample_id for s in join.advance(1120)] == ["r:1:v1"] and join.watermark_ms == 110
 
 
+def test_a_reader_behind_its_input_does_not_make_the_partition_idle():
+    join = make(idle_timeout_ms=50)
+    join.on_impression(imp(t=0))
+    join.advance(1000)
+    assert join.advance(2000, input_drained=False) == [] and join.watermark_ms == -10  # events wait unread
+    assert join.advance(2040) == [] and join.watermark_ms == -10  # idle counts from the last undrained tick
+    assert join.advance(2060) == [] and join.watermark_ms == 50
+
+
 def test_watermark_follows_event_time_while_events_keep_arriving():
     join = make(idle_timeout_ms=50)
     for step in range(10):
