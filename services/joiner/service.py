@@ -7,7 +7,8 @@ rules are in ``services/joiner/eventjoin.py``), (2) encodes the samples it produ
 ``SampleBatch`` messages of at most ``FRESHET_JOINER_SAMPLES_PER_MESSAGE`` samples and stages them
 in the join state's outbox, (3) commits state and outbox atomically, (4) publishes the staged
 messages with ``Nats-Msg-Id = sb:<partition>:<epoch>:<seq>`` and waits for JetStream's
-acknowledgements, and only then (5) acknowledges the input messages.
+acknowledgements, and only then (5) acknowledges the input messages. Steps 4 and 5 run in a delivery
+worker per partition, in outbox order, while the next batch is joined.
 
 A crash before (3) replays the inputs against the previous state: the same samples are produced
 again and staged under the same sequence numbers. A crash after (3) leaves the staged messages in
@@ -114,7 +115,9 @@ class PartitionJoin:
         state_dir = str(Path(config.state_dir) / f"p{partition}") if config.state_dir else ""
         self.state = RocksJoinState(state_dir) if state_dir else MemoryJoinState()
         self.join = EventJoin(config.join_config(), self.state)
-        self.lock = asyncio.Lock()  # one join step (process, publish, commit) at a time
+        self.lock = asyncio.Lock()  # one join step (join, stage, commit) at a time
+        # Staged outputs waiting to be published, in outbox order: (staged, parent headers, inputs to ack).
+        self.deliveries: asyncio.Queue = asyncio.Queue(maxsize=8)
         self.loop: bus.PullLoop | None = None
         self.spec = bus.ConsumerSpec(
             stream=bus.EVENTS.name,
@@ -169,6 +172,8 @@ class JoinerService(NatsMixin, Service):
             )
             self.spawn(part.loop.run(self.stopping), f"joiner-consume-p{part.partition}")
             self.spawn(self._tick_forever(part), f"joiner-tick-p{part.partition}")
+            # Drains its queue on shutdown before exiting; what it cannot publish stays in the outbox.
+            self.spawn(self._deliver_forever(part), f"joiner-deliver-p{part.partition}")
 
     async def _resume_in_order(self, spec: bus.ConsumerSpec) -> bus.ConsumerSpec:
         """Restarts the consumer right after its ack floor, so un-acked events come back first and in order.
@@ -247,8 +252,13 @@ class JoinerService(NatsMixin, Service):
                     parents.append(msg.headers)
                 outcomes.append(bus.Outcome.ACK)
             produced += join.advance(bus.now_ms())
-            await self._emit(part, produced, parents)
-        return outcomes  # acknowledged by the loop only now, after the samples were
+            staged = self._stage(part, produced)
+        # The samples are committed in the outbox: the delivery worker publishes them in order and
+        # acknowledges these inputs after JetStream has acknowledged the samples; meanwhile the next
+        # batch is joined. A full queue holds the consumer back (back-pressure).
+        acked = [msg for msg, outcome in zip(msgs, outcomes, strict=True) if outcome is bus.Outcome.ACK]
+        await part.deliveries.put((staged, parents, acked))
+        return [bus.Outcome.DEFER] * len(msgs)
 
     async def _tick_forever(self, part: PartitionJoin) -> None:
         """Advances the watermark without events, so windows close when traffic stops."""
@@ -260,8 +270,9 @@ class JoinerService(NatsMixin, Service):
             drained = await self._drained(part)
             async with part.lock:
                 fired = part.join.advance(bus.now_ms(), input_drained=drained)
-                if fired:
-                    await self._emit(part, fired, [])
+                staged = self._stage(part, fired) if fired else []
+            if staged:
+                await part.deliveries.put((staged, [], []))
 
     async def _drained(self, part: PartitionJoin) -> bool:
         """Whether the partition's consumer has nothing waiting: only then may its watermark follow the clock."""
@@ -271,31 +282,62 @@ class JoinerService(NatsMixin, Service):
             return True  # not created yet, or NATS unreachable: the clock decides, as without this check
         return info.num_pending == 0
 
-    async def _emit(self, part: PartitionJoin, produced: list[JoinedSample], parents: list[dict]) -> None:
-        """Stages the samples in the outbox, commits, publishes them and waits for every acknowledgement."""
+    def _stage(self, part: PartitionJoin, produced: list[JoinedSample]) -> list[tuple[int, bytes, int]]:
+        """Encodes the samples as messages in the outbox and commits them with the join state.
+
+        Returns (outbox seq, message, samples) per message.
+        """
         size = self.config.samples_per_message
-        staged = []  # (seq, data, samples)
+        staged = []
         for i in range(0, len(produced), size):
             chunk = produced[i : i + size]
             data = encode_sample_arrays(joined_arrays(chunk))
             staged.append((part.join.stage_output(data), data, len(chunk)))
         part.join.commit()
-        if not staged:
-            return
-        contexts = [telemetry.extract_headers(h) for h in parents]
-        # The first event that produced samples is the parent, so its trace continues through training;
-        # the other events of the batch are linked.
-        with tracer.start_as_current_span(
-            "join_batch",
-            context=contexts[0] if contexts else None,
-            links=telemetry.links_from(parents[1:]),
-            attributes={"samples": len(produced), "partition": part.partition},
-        ):
-            await asyncio.gather(*(self._deliver(part, seq, data) for seq, data, _ in staged))
-        self.samples_published += sum(n for _, _, n in staged)
+        return staged
+
+    async def _deliver_forever(self, part: PartitionJoin) -> None:
+        """Publishes staged samples in outbox order, then acknowledges the inputs that produced them.
+
+        In order, because a restart recovers the outbox from the last message of ``samples.<p>``. A
+        failed publish is retried (same message id) until it succeeds or the joiner stops; what is
+        left then stays in the outbox for the next start.
+        """
+        while not (self.stopping.is_set() and part.deliveries.empty()):
+            try:
+                staged, parents, acked = await asyncio.wait_for(part.deliveries.get(), timeout=0.1)
+            except TimeoutError:
+                continue
+            try:
+                contexts = [telemetry.extract_headers(h) for h in parents]
+                # The first event that produced samples is the parent, so its trace continues through
+                # training; the other events of the batch are linked.
+                with tracer.start_as_current_span(
+                    "join_batch",
+                    context=contexts[0] if contexts else None,
+                    links=telemetry.links_from(parents[1:]),
+                    attributes={"samples": sum(n for _, _, n in staged), "partition": part.partition},
+                ):
+                    for seq, data, n in staged:
+                        await self._deliver(part, seq, data)
+                        self.samples_published += n
+                for msg in acked:
+                    await msg.ack()
+            finally:
+                part.deliveries.task_done()
 
     async def _deliver(self, part: PartitionJoin, seq: int, data: bytes) -> None:
-        await bus.publish(self.js, f"samples.{part.partition}", data, msg_id=self._msg_id(part, seq))
+        delay = 0.05
+        while True:
+            try:
+                await bus.publish(self.js, f"samples.{part.partition}", data, msg_id=self._msg_id(part, seq))
+                break
+            except (nats.errors.Error, TimeoutError) as exc:
+                if self.stopping.is_set() and self.nc.is_closed:
+                    raise
+                logger.warning("publishing samples failed; retrying", extra={"seq": seq, "error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
         part.join.output_delivered(seq)
 
     def _msg_id(self, part: PartitionJoin, seq: int) -> str:
