@@ -1,6 +1,6 @@
 """MovieLens-100k through the whole training pipeline: replay -> joiner -> trainer -> store.
 
-Reads the dataset from ``$FRESHET_DATA_DIR/movielens-100k/u.data`` (default ``../shared/data``); its
+Reads the dataset from ``<data dir>/movielens-100k/u.data`` (``freshet.testing.data_dir``); its
 licence forbids shipping it, so the test is skipped where it is absent. The trainer runs the default
 model; the check is the issue's bar: progressive (predict-then-train) AUC over the last 80 % of the
 stream >= 0.76 (a hashing online learner with user x item interactions reaches about 0.755).
@@ -12,15 +12,12 @@ the default 1024-sample pipelined steps the same replay scores about 0.69-0.72 (
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from freshet.config import BusConfig
 from freshet.datasets import read_events
 from freshet.replay import replay
-from freshet.testing import assert_eventually
+from freshet.testing import assert_eventually, data_dir
 from services.joiner.config import JoinerConfig
 from services.joiner.service import JoinerService
 from services.store.config import StoreConfig
@@ -28,8 +25,7 @@ from services.store.service import StoreService
 from services.trainer.config import TrainerConfig
 from services.trainer.service import TrainerService
 
-DATA = Path(os.environ.get("FRESHET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-U_DATA = DATA / "movielens-100k" / "u.data"
+U_DATA = data_dir() / "movielens-100k" / "u.data"
 RATINGS = 100_000
 
 

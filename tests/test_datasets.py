@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from freshet.datasets import CRITEO_BASE_MS, FORMATS, DatasetError, log2_bucket, read_events, stable_id
 from freshet.events.v1 import events_pb2
+from freshet.testing import data_dir
 
 CLICK = events_pb2.ACTION_TYPE_CLICK
 
@@ -380,7 +380,7 @@ def test_an_empty_file_with_a_header_format_is_an_error(tmp_path):
 
 # --- The real samples, when present ----------------------------------------------------------------
 
-DATA = Path(os.environ.get("FRESHET_DATA_DIR", "/work/shared/data"))
+DATA = data_dir()
 
 
 @pytest.mark.parametrize(

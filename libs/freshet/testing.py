@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -49,3 +51,15 @@ async def code_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details() or ""
     raise AssertionError("the gRPC call succeeded; an error status was expected")
+
+
+def data_dir() -> Path:
+    """Where tests find the public datasets (never shipped: their licences forbid it).
+
+    ``$FRESHET_DATA_DIR`` when set; else ``shared/data`` beside the checkout, else the workplace's
+    ``/work/shared/data``. Tests skip what is not there.
+    """
+    if env := os.environ.get("FRESHET_DATA_DIR"):
+        return Path(env)
+    beside = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return beside if beside.is_dir() else Path("/work/shared/data")
