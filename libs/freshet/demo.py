@@ -172,13 +172,13 @@ async def feed(
 
 async def pipeline_counts(js) -> dict[str, int]:
     """Counts read back from JetStream: samples joined and trained, deltas, approvals."""
-    joined = SampleReader(js, bus.SAMPLES.name)  # a sample message holds many samples
-    await joined.read()
-    try:
+    try:  # trained first: windows still closing keep adding samples while this counts
         dense = model_pb2.DenseSnapshot.FromString((await js.get_last_msg(bus.DENSE.name, "dense.fm")).data)
         trained = dense.samples_trained
     except NotFoundError:
         trained = 0
+    joined = SampleReader(js, bus.SAMPLES.name)  # a sample message holds many samples
+    await joined.read()
     model = await js.stream_info(bus.MODEL.name, subjects_filter="model.>")
     subjects = model.state.subjects or {}
     dead = await js.stream_info(bus.DEADLETTER.name)
