@@ -127,3 +127,45 @@ async def test_trainer_stops_with_an_error_when_the_store_table_has_the_wrong_ro
     assert isinstance(trainer.failed, ValueError)
     assert "needs store table 'fm' with rows of 5 floats, the store has 9" in str(trainer.failed)
     assert trainer.learner.samples_trained == 0
+
+
+async def test_dense_snapshots_follow_a_step_interval_too(nats_url, store, js):
+    config = TrainerConfig(
+        store_address=store.address, dense_interval_s=3600, dense_interval_steps=2, batch_size=4, checkpoint_s=0
+    )
+    async with TrainerService(config, BusConfig(nats_url=nats_url)) as trainer:
+        rng = np.random.default_rng(4)
+        await bus.publish(js, "samples.0", encode_samples(_samples(rng, 16, "steps")))
+        await assert_eventually(lambda: trainer.learner.step == 4, message="4 steps of 4 samples")
+
+        async def snapshot_at_step_4():
+            raw = await _last_msg(js, "DENSE", "dense.fm")
+            return raw and model_pb2.DenseSnapshot.FromString(raw.data).step == 4
+
+        await assert_eventually(snapshot_at_step_4, message="a snapshot every 2 steps, whatever the clock")
+
+
+def test_progressive_metrics_are_exported_as_observable_gauges():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from services.trainer.service import Learner, register_metrics
+
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    learner = Learner(ModelConfig(), store=None, dense_lr=0.1)
+    register_metrics(meter, learner, lambda: 42)
+    learner.metrics.update(np.array([0.9, 0.2, 0.7, 0.4]), np.array([1.0, 0.0, 1.0, 0.0]))
+    learner.samples_trained = 4
+    data = reader.get_metrics_data()
+    values = {
+        m.name: m.data.data_points[0].value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.data.data_points
+    }
+    assert values["freshet.trainer.progressive_auc"] == pytest.approx(1.0)
+    assert values["freshet.trainer.samples_trained"] == 4
+    assert values["freshet.trainer.stream_position"] == 42
+    assert "freshet.trainer.window_log_loss" in values

@@ -158,6 +158,7 @@ def run_service(name: str, factory: Callable[[], Service]) -> int:
     """
     setup_logging(name)
     telemetry.setup_tracing(name)
+    telemetry.setup_metrics(name)
     # Streaming services allocate many short-lived objects per event: Python's default thresholds run
     # a collection every 700 allocations and walk every long-lived object (join state caches, tables)
     # in frequent full collections. Fewer, larger young collections cost ~10 % less CPU in the joiner.

@@ -1,7 +1,9 @@
 """OpenTelemetry set-up and W3C trace-context propagation over NATS headers and gRPC metadata.
 
 Tracing is switched on by deploy config, not code: ``FRESHET_TRACES=console`` prints spans,
-anything else (the default) records them in-process only, so propagation still works.
+anything else (the default) records them in-process only, so propagation still works. Metrics
+likewise: ``FRESHET_METRICS=console`` prints every instrument each ``FRESHET_METRICS_INTERVAL_S``
+(default 10); otherwise they are kept in-process for whatever reader a deployment adds.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import os
 from collections.abc import Iterable, Mapping
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -28,6 +32,21 @@ def setup_tracing(service: str) -> None:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
     _configured = True
+
+
+def setup_metrics(service: str) -> None:
+    """Installs a meter provider named after ``service`` (once per process)."""
+    readers = []
+    if os.environ.get("FRESHET_METRICS", "").lower() == "console":
+        interval_ms = int(float(os.environ.get("FRESHET_METRICS_INTERVAL_S", "10")) * 1000)
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), export_interval_millis=interval_ms))
+    resource = Resource.create({"service.name": f"freshet-{service}"})
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+
+
+def meter(name: str) -> metrics.Meter:
+    """The meter for a module (pass ``__name__``)."""
+    return metrics.get_meter(name)
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -36,6 +36,7 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -46,6 +47,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from freshet import bus, telemetry
 from freshet.batches import SampleArrays, decode_samples
@@ -200,6 +202,27 @@ class Learner:
         )
 
 
+def register_metrics(meter: Meter, learner: Learner, position: Callable[[], int]) -> None:
+    """Observable gauges ``freshet.trainer.*``: the progressive evaluation and the training progress."""
+    metrics = learner.metrics
+    readings = {
+        "progressive_auc": metrics.auc,
+        "window_auc": metrics.window_auc,
+        "log_loss": metrics.mean_log_loss,
+        "window_log_loss": metrics.window_log_loss,
+        "samples_trained": lambda: learner.samples_trained,
+        "steps": lambda: learner.step,
+        "stream_position": position,
+    }
+    for name, read in readings.items():
+
+        def observe(options: CallbackOptions, read: Callable[[], float | None] = read) -> list[Observation]:
+            value = read()
+            return [] if value is None else [Observation(value)]
+
+        meter.create_observable_gauge(f"freshet.trainer.{name}", callbacks=[observe])
+
+
 @dataclass
 class Fetched:
     """Sample messages fetched together, decoded; ``last_seq`` is the stream sequence of the last one."""
@@ -225,11 +248,12 @@ class TrainerService(NatsMixin, Service):
         self.learner = Learner(
             self.model_config, self.store, config.dense_lr, seed=config.seed, metrics_window=config.metrics_window
         )
+        register_metrics(telemetry.meter(__name__), self.learner, lambda: self.position)
         self.position = 0  # stream sequence of the last sample message trained
         self.resumed_from: int | None = None
         self.checkpoints = 0
-        self._last_dense = 0.0
-        self._last_dense_step = -1
+        self._last_dense = time.monotonic()
+        self._last_dense_step = 0
         self._last_log = time.monotonic()
         self._last_checkpoint = time.monotonic()
         self._state_store = None
@@ -475,8 +499,11 @@ class TrainerService(NatsMixin, Service):
         self.checkpoints += 1
 
     async def _maybe_publish_dense(self) -> None:
-        now = time.monotonic()
-        if now - self._last_dense < self.config.dense_interval_s or self.learner.step == self._last_dense_step:
+        now, step = time.monotonic(), self.learner.step
+        if step == self._last_dense_step:
+            return
+        by_steps = 0 < self.config.dense_interval_steps <= step - self._last_dense_step
+        if not by_steps and now - self._last_dense < self.config.dense_interval_s:
             return
         snap = self.learner.dense_snapshot(self.config.model, self.position)
         await bus.publish(self.js, f"dense.{self.config.model}", snap.SerializeToString())
