@@ -87,8 +87,16 @@ class ImpressionEvent(NamedTuple):
             item_id=msg.item_id,
             position=msg.position,
             event_time_ms=msg.event_time_ms,
-            context=tuple(sorted(msg.context.items())) if len(msg.context) else (),
+            context=_context(msg.context),
         )
+
+
+def _context(context) -> tuple[tuple[str, str], ...]:
+    """A protobuf context map as sorted (name, value) pairs (most events have none or one)."""
+    n = len(context)
+    if n == 0:
+        return ()
+    return tuple(context.items()) if n == 1 else tuple(sorted(context.items()))
 
 
 class ActionEvent(NamedTuple):
@@ -191,8 +199,8 @@ class JoinState(ABC):
     """Storage of one join partition. Getters return immutable values; change them only through puts."""
 
     def __init__(self) -> None:
-        self._live: set[bytes] = set()
-        self._heap: list[bytes] = []  # may hold removed timers; only those in _live count
+        self._live: set[tuple[int, str, int, str]] = set()
+        self._heap: list[tuple[int, str, int, str]] = []  # may hold removed timers; only those in _live count
 
     @abstractmethod
     def get_window(self, key: Key) -> WindowRecord | None: ...
@@ -219,31 +227,33 @@ class JoinState(ABC):
     def buffers(self) -> Iterator[tuple[Key, tuple[ActionEvent, ...]]]:
         """Every key's buffered actions, for rebuilding timers."""
 
-    # Timers live in process memory (a heap of encoded timers), in both implementations: they follow
-    # from the stored windows and buffers, so ``EventJoin`` rebuilds them when it opens a state.
+    # Timers live in process memory, in both implementations: they follow from the stored windows and
+    # buffers, so ``EventJoin`` rebuilds them when it opens a state. The heap holds plain tuples
+    # (at, kind, item id, request id), which order exactly as the encoded timers do (UTF-8 keeps the
+    # code point order) and compare and hash faster.
 
     def add_timer(self, timer: Timer) -> None:
         """Schedule timer (adding one that exists is a no-op)."""
-        raw = timer.encode()
-        if raw not in self._live:
-            self._live.add(raw)
-            heapq.heappush(self._heap, raw)
+        entry = (timer.at_ms, timer.kind, timer.key[1], timer.key[0])
+        if entry not in self._live:
+            self._live.add(entry)
+            heapq.heappush(self._heap, entry)
 
     def remove_timer(self, timer: Timer) -> None:
         """Unschedule timer (missing ones are ignored)."""
-        self._live.discard(timer.encode())
+        self._live.discard((timer.at_ms, timer.kind, timer.key[1], timer.key[0]))
 
     def pop_due(self, up_to_ms: int) -> list[Timer]:
         """Remove and return every timer with ``at_ms <= up_to_ms``, ordered by (at_ms, kind, key)."""
         heap = self._heap
-        if not heap or heap[0] >= (upper := _i64(up_to_ms + 1)):
+        if not heap or heap[0][0] > up_to_ms:
             return []
-        out = []
-        while heap and heap[0] < upper:
-            raw = heapq.heappop(heap)
-            if raw in self._live:
-                self._live.remove(raw)
-                out.append(Timer.decode(raw))
+        out, live = [], self._live
+        while heap and heap[0][0] <= up_to_ms:
+            entry = heapq.heappop(heap)
+            if entry in live:
+                live.remove(entry)
+                out.append(Timer(entry[0], entry[1], (entry[3], entry[2])))
         return out
 
     @abstractmethod
