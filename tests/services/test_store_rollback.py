@@ -16,6 +16,7 @@ from services.store.optimizers import AdagradConfig, AdamConfig
 from services.store.table import initial_values
 from services.store.tables import SlotPolicy, TableSpec
 from services.store.tiered import RollbackError, TieredTable
+from tests.services.test_store_tiered import _Clock, _in_host
 
 DIM = 4
 TAG = "trainer@1234"
@@ -27,18 +28,6 @@ def _fids(slot: int, n: int, start: int = 1) -> np.ndarray:
 
 def _initial(spec: TableSpec, fids: np.ndarray) -> np.ndarray:
     return initial_values(np.asarray(fids, np.int64), spec.dim, spec.init_scale, spec.seed)
-
-
-def _in_host(table: TieredTable, fids: np.ndarray) -> np.ndarray:
-    return table.host.find(np.asarray(fids, np.int64)) >= 0
-
-
-class _Clock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _steps(seed: int, batches: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
