@@ -104,3 +104,37 @@ def test_an_empty_message_decodes_only_because_its_checksum_of_nothing_is_zero()
     assert checksum(msg) == 0
     with pytest.raises(DeltaError, match="unknown dtype"):
         decode_delta(b"")
+
+
+@pytest.mark.parametrize(("encoding", "bound"), [("fp32", 0.0), ("fp16", 1e-3), ("int8", 0.5 / 127)])
+def test_quantised_rows_decode_within_their_encodings_error(encoding: str, bound: float):
+    rng = np.random.default_rng(8)
+    values = rng.normal(scale=0.5, size=(40, 9)).astype(np.float32)
+    values[3] = 0.0  # an all-zero row keeps a usable scale
+    delta = Delta("m", "fm", 0, 1, 0, 40, np.arange(40, dtype=np.int64), values, encoding=encoding)
+    wire = delta.to_proto()
+    decoded = decode_delta(wire.SerializeToString())
+    assert decoded.encoding == encoding and decoded.values.dtype == np.float32
+    row_max = np.abs(values).max(axis=1, keepdims=True)
+    assert np.all(np.abs(decoded.values - values) <= bound * np.maximum(row_max, 1e-12) + 1e-7)
+    np.testing.assert_array_equal(decoded.values[3], 0.0)
+    sizes = {"fp32": 4, "fp16": 2, "int8": 1}
+    assert len(wire.values.data) == values.size * sizes[encoding]
+
+
+def test_int8_rows_without_scales_are_rejected():
+    delta = Delta(
+        "m", "fm", 0, 1, 0, 2, np.arange(2, dtype=np.int64), np.ones((2, 3), np.float32), encoding="int8"
+    )
+    msg = delta.to_proto()
+    msg.ClearField("scales")
+    msg.checksum = checksum(msg)
+    with pytest.raises(DeltaError, match="int8 values need one float32 scale per row"):
+        decode_delta(msg.SerializeToString())
+
+
+def test_an_unknown_encoding_is_a_clear_error():
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        Delta(
+            "m", "fm", 0, 1, 0, 1, np.arange(1, dtype=np.int64), np.ones((1, 2), np.float32), encoding="bf16"
+        ).to_proto()

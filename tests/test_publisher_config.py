@@ -20,3 +20,8 @@ def test_a_model_with_several_tables_is_a_configuration_error_naming_them():
 def test_the_default_model_streams_the_default_table():
     service = PublisherService(PublisherConfig(store_address="127.0.0.1:1"), BusConfig())
     assert service.config.table == "fm"
+
+
+def test_an_unknown_delta_encoding_is_a_configuration_error():
+    with pytest.raises(ValueError, match="FRESHET_DELTA_ENCODING must be one of"):
+        PublisherConfig(store_address="127.0.0.1:1", encoding="bf16")

@@ -17,6 +17,9 @@ class PredictorConfig:
     torch_threads: int = env_field(
         "FRESHET_TORCH_THREADS", "torch intra-op threads for scoring (0: torch's default, all cores)", 1
     )
+    replica_dtype: str = env_field(
+        "FRESHET_REPLICA_DTYPE", "how the replica holds rows: fp32, fp16, or int8 with a per-row scale", "fp32"
+    )
     model_config: str = env_field(
         "FRESHET_MODEL_CONFIG",
         "the model as JSON or @<path> (the trainer's setting); empty: the default model",

@@ -11,17 +11,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freshet.delta import Delta
+from freshet.delta import ENCODINGS, Delta, dequantize, quantize
 from freshet.models import CtrModel, ModelConfig, plan, pool
 
 
 class RowMap:
-    """Collisionless fid -> row map of one table, with an append-only slab."""
+    """Collisionless fid -> row map of one table, with an append-only slab.
 
-    def __init__(self, width: int) -> None:
+    ``dtype`` is how rows are held: fp32, fp16 (half the memory) or int8 with a float32 scale per
+    row (a quarter plus 4 bytes a row); lookups always return float32.
+    """
+
+    def __init__(self, width: int, dtype: str = "fp32") -> None:
+        if dtype not in ENCODINGS:
+            raise ValueError(f"replica dtype must be one of {ENCODINGS}, got {dtype!r}")
         self.width = width
+        self.dtype = dtype
         self._index: dict[int, int] = {}
-        self._slab = np.zeros((1024, width), np.float32)
+        self._slab = np.zeros((1024, width), {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[dtype])
+        self._scales = np.ones(1024, np.float32) if dtype == "int8" else None
 
     def __len__(self) -> int:
         return len(self._index)
@@ -37,10 +45,15 @@ class RowMap:
                 row = index[fid] = len(index)
             rows[i] = row
         if len(index) > len(self._slab):
-            grown = np.zeros((max(len(index), 2 * len(self._slab)), self.width), np.float32)
+            grown = np.zeros((max(len(index), 2 * len(self._slab)), self.width), self._slab.dtype)
             grown[: len(self._slab)] = self._slab
             self._slab = grown
-        self._slab[rows] = values
+            if self._scales is not None:
+                self._scales = np.concatenate([self._scales, np.ones(len(grown) - len(self._scales), np.float32)])
+        stored, scales = quantize(values, self.dtype)
+        self._slab[rows] = stored
+        if scales is not None:
+            self._scales[rows] = scales
 
     def lookup(self, fids: np.ndarray) -> np.ndarray:
         """Rows of fids int64 [n] -> float32 [n, width]; unknown fids are zeros."""
@@ -48,20 +61,22 @@ class RowMap:
         rows = np.fromiter((index.get(f, -1) for f in fids.tolist()), np.int64, len(fids))
         out = np.zeros((len(fids), self.width), np.float32)
         known = rows >= 0
-        out[known] = self._slab[rows[known]]
+        hit = rows[known]
+        out[known] = dequantize(self._slab[hit], None if self._scales is None else self._scales[hit])
         return out
 
     def nbytes(self) -> int:
         """Approximate bytes held: the slab plus the dict index (about 100 B per entry in CPython)."""
-        return self._slab.nbytes + 100 * len(self._index)
+        scales = 0 if self._scales is None else self._scales.nbytes
+        return self._slab.nbytes + scales + 100 * len(self._index)
 
 
 class Replica:
     """Every table of one model plus its dense network."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, dtype: str = "fp32") -> None:
         self.config = config
-        self.tables = {name: RowMap(width) for name, width in config.tables().items()}
+        self.tables = {name: RowMap(width, dtype) for name, width in config.tables().items()}
         self.model = CtrModel(config, seed=0).eval()
         self.dense_step = -1
         # Sum over shards of the last delta sequence applied: monotonic, changes exactly when the

@@ -47,7 +47,7 @@ class PredictorService(NatsMixin, Service):
         self.bus_config = bus_config
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
-        self.replica = Replica(model_from_setting(config.model_config))
+        self.replica = Replica(model_from_setting(config.model_config), config.replica_dtype)
         self.grpc: GrpcServer | None = None
         self.gaps = 0
         self.rejected = 0

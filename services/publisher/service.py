@@ -148,6 +148,7 @@ class PublisherService(NatsMixin, Service):
                 dense={k: from_tensor(v).copy() for k, v in dense.params.items()} if dense else {},
                 dense_step=dense.step if dense else self.dense_step,
                 created_ms=bus.now_ms(),
+                encoding=self.config.encoding,
             )
             with tracer.start_as_current_span(
                 "publish_delta", attributes={"shard": shard.shard, "sequence": delta.sequence}

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from freshet.common.v1 import tensor_pb2 as freshet_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reshet/model/v1/model.proto\x12\x10\x66reshet.model.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"\x8a\x02\n\rDenseSnapshot\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12;\n\x06params\x18\x03 \x03(\x0b\x32+.freshet.model.v1.DenseSnapshot.ParamsEntry\x12\x17\n\x0fsamples_trained\x18\x04 \x01(\x03\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x12\x12\n\nstream_seq\x18\x06 \x01(\x03\x12\x14\n\x0cmodel_config\x18\x07 \x01(\t\x1aH\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\x85\x03\n\nModelDelta\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\x03\x12\x13\n\x0bnew_version\x18\x06 \x01(\x03\x12\'\n\x04\x66ids\x18\x07 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06values\x18\x08 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x36\n\x05\x64\x65nse\x18\t \x03(\x0b\x32\'.freshet.model.v1.ModelDelta.DenseEntry\x12\x12\n\ndense_step\x18\n \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\r\x12\x12\n\ncreated_ms\x18\x0c \x01(\x03\x1aG\n\nDenseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\xbb\x01\n\x08\x41pproval\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x13\n\x0bnew_version\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65lta_stream_seq\x18\x05 \x01(\x04\x12,\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x1a.freshet.model.v1.Decision\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\ndecided_ms\x18\x08 \x01(\x03*O\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reshet/model/v1/model.proto\x12\x10\x66reshet.model.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"\x8a\x02\n\rDenseSnapshot\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12;\n\x06params\x18\x03 \x03(\x0b\x32+.freshet.model.v1.DenseSnapshot.ParamsEntry\x12\x17\n\x0fsamples_trained\x18\x04 \x01(\x03\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x12\x12\n\nstream_seq\x18\x06 \x01(\x03\x12\x14\n\x0cmodel_config\x18\x07 \x01(\t\x1aH\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\xb0\x03\n\nModelDelta\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\x03\x12\x13\n\x0bnew_version\x18\x06 \x01(\x03\x12\'\n\x04\x66ids\x18\x07 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06values\x18\x08 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x36\n\x05\x64\x65nse\x18\t \x03(\x0b\x32\'.freshet.model.v1.ModelDelta.DenseEntry\x12\x12\n\ndense_step\x18\n \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\r\x12\x12\n\ncreated_ms\x18\x0c \x01(\x03\x12)\n\x06scales\x18\r \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x1aG\n\nDenseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\xbb\x01\n\x08\x41pproval\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x13\n\x0bnew_version\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65lta_stream_seq\x18\x05 \x01(\x04\x12,\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x1a.freshet.model.v1.Decision\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\ndecided_ms\x18\x08 \x01(\x03*O\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +36,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DENSESNAPSHOT_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_MODELDELTA_DENSEENTRY']._loaded_options = None
   _globals['_MODELDELTA_DENSEENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=933
-  _globals['_DECISION']._serialized_end=1012
+  _globals['_DECISION']._serialized_start=976
+  _globals['_DECISION']._serialized_end=1055
   _globals['_DENSESNAPSHOT']._serialized_start=83
   _globals['_DENSESNAPSHOT']._serialized_end=349
   _globals['_DENSESNAPSHOT_PARAMSENTRY']._serialized_start=277
   _globals['_DENSESNAPSHOT_PARAMSENTRY']._serialized_end=349
   _globals['_MODELDELTA']._serialized_start=352
-  _globals['_MODELDELTA']._serialized_end=741
-  _globals['_MODELDELTA_DENSEENTRY']._serialized_start=670
-  _globals['_MODELDELTA_DENSEENTRY']._serialized_end=741
-  _globals['_APPROVAL']._serialized_start=744
-  _globals['_APPROVAL']._serialized_end=931
+  _globals['_MODELDELTA']._serialized_end=784
+  _globals['_MODELDELTA_DENSEENTRY']._serialized_start=713
+  _globals['_MODELDELTA_DENSEENTRY']._serialized_end=784
+  _globals['_APPROVAL']._serialized_start=787
+  _globals['_APPROVAL']._serialized_end=974
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ class DenseSnapshot(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., samples_trained: _Optional[int] = ..., created_ms: _Optional[int] = ..., stream_seq: _Optional[int] = ..., model_config: _Optional[str] = ...) -> None: ...
 
 class ModelDelta(_message.Message):
-    __slots__ = ("model", "table", "shard", "sequence", "base_version", "new_version", "fids", "values", "dense", "dense_step", "checksum", "created_ms")
+    __slots__ = ("model", "table", "shard", "sequence", "base_version", "new_version", "fids", "values", "dense", "dense_step", "checksum", "created_ms", "scales")
     class DenseEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class ModelDelta(_message.Message):
     DENSE_STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     model: str
     table: str
     shard: int
@@ -75,7 +76,8 @@ class ModelDelta(_message.Message):
     dense_step: int
     checksum: int
     created_ms: int
-    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., shard: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., fids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., dense: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., dense_step: _Optional[int] = ..., checksum: _Optional[int] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    scales: _tensor_pb2.Tensor
+    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., shard: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., new_version: _Optional[int] = ..., fids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., dense: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., dense_step: _Optional[int] = ..., checksum: _Optional[int] = ..., created_ms: _Optional[int] = ..., scales: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Approval(_message.Message):
     __slots__ = ("model", "shard", "sequence", "new_version", "delta_stream_seq", "decision", "reason", "decided_ms")
