@@ -36,28 +36,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ITEMS_PER_REQUEST = 5
 
 
-def request_events(i: int, t: int, click_every: int = 4) -> list:
-    """Request ``i``: its impressions at ``t`` and, on every ``click_every``-th item, a click 1 ms later."""
-    out = []
-    for slot in range(ITEMS_PER_REQUEST):
-        item = (i * 7 + slot) % 1000
-        out.append(
-            events_pb2.Impression(
-                request_id=f"r{i}",
-                user_id=i % 997,
-                item_id=item,
-                position=slot,
-                event_time_ms=t,
-                context={"device": "ios" if i % 3 else "web"},
-            )
-        )
-        if (i * ITEMS_PER_REQUEST + slot) % click_every == 0:
-            out.append(
-                events_pb2.Action(
-                    request_id=f"r{i}", item_id=item, type=events_pb2.ACTION_TYPE_CLICK, event_time_ms=t + 1
-                )
-            )
-    return out
+def request_events(i: int, t: int) -> list:
+    """Request ``i``'s events as separate messages' payloads (see ``add_request``)."""
+    batch = events_pb2.EventBatch()
+    add_request(batch, i, t)
+    return [getattr(entry, entry.WhichOneof("kind")) for entry in batch.events]
 
 
 class SampleCounter:
@@ -111,7 +94,8 @@ async def publish_backlog(js, requests: int, base_ms: int, batched: bool, first:
 
 
 def add_request(batch: events_pb2.EventBatch, i: int, t: int, click_every: int = 4) -> list[str]:
-    """``request_events(i, t)`` appended to batch in place (a cheap client); returns its clicks' sample ids."""
+    """Request ``i`` appended to batch in place: 5 impressions at ``t`` and, on every ``click_every``-th
+    item, a click 1 ms later. Returns the clicks' sample ids."""
     clicks = []
     for slot in range(ITEMS_PER_REQUEST):
         item = (i * 7 + slot) % 1000

@@ -6,13 +6,12 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 
 import nats
 
 from freshet import bus
 from freshet.events.v1 import events_pb2
-from freshet.testing import SampleReader, assert_eventually
+from freshet.testing import SampleReader, assert_eventually, start_service
 
 IMPRESSIONS = 12_000
 CLICK_EVERY = 3  # two thirds of the impressions get a click: 12,000 + 8,000 = 20,000 events
@@ -55,8 +54,7 @@ async def test_joiner_killed_with_sigkill_three_times_emits_every_sample_exactly
     }
 
     def start() -> subprocess.Popen:
-        log = open(tmp_path / "joiner.log", "ab")  # noqa: SIM115 - the child writes it
-        return subprocess.Popen([sys.executable, "-m", "services.joiner"], env=env, stdout=log, stderr=log)
+        return start_service("joiner", env, tmp_path / "joiner.log")
 
     reader = SampleReader(js)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from freshet import bus
 from freshet.batches import Sample, encode_samples
 from freshet.fids import example_fids
-from freshet.testing import assert_eventually
+from freshet.testing import assert_eventually, start_service
 from services.store.config import StoreConfig
 from services.store.service import StoreService
 
@@ -71,8 +70,7 @@ async def test_trainer_killed_with_sigkill_trains_every_sample_exactly_once(nats
         }
 
         def start() -> subprocess.Popen:
-            log = open(tmp_path / "trainer.log", "ab")  # noqa: SIM115 - the child writes it
-            return subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env, stdout=log, stderr=log)
+            return start_service("trainer", env, tmp_path / "trainer.log")
 
         proc = start()
         try:

@@ -374,3 +374,15 @@ def test_pool_and_model_on_cuda_match_cpu() -> None:
         results.append([logits.detach().cpu(), *(r.grad.cpu() for r in rows.values())])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_takes_a_weight_per_sample_and_task():
+    logits = torch.tensor([[0.3, -0.2], [1.0, 0.5]])
+    vectors = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
+    per_sample = loss(logits, vectors, np.array([1.0, 2.0], np.float32), ("click", "like"))
+    per_task = loss(logits, vectors, np.array([[1.0, 1.0], [2.0, 2.0]], np.float32), ("click", "like"))
+    assert float(per_task) == pytest.approx(float(per_sample))
+    click_only = loss(logits, vectors, np.array([[1.0, 0.0], [2.0, 0.0]], np.float32), ("click", "like"))
+    assert float(click_only) == pytest.approx(
+        float(loss(logits[:, :1], vectors, np.array([1.0, 2.0]), ("click",)))
+    )

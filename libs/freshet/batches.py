@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from freshet.fids import batch_example_fids
 from freshet.samples.v1 import samples_pb2
 from freshet.tensors import from_tensor, to_tensor
 
@@ -61,6 +62,40 @@ class SampleArrays:
             label_vectors=np.concatenate([p.label_vectors for p in parts]),
             versions=np.concatenate([p.versions for p in parts]),
         )
+
+
+def featurise(
+    impressions: Sequence,
+    contexts: Sequence[Sequence[tuple[str, str]]],
+    label_vectors: np.ndarray,
+    weights: np.ndarray,
+    sample_ids: list[str],
+    versions: np.ndarray,
+) -> SampleArrays:
+    """Training samples of labelled impressions, featurised in one vectorised pass.
+
+    ``impressions`` have ``user_id``, ``item_id``, ``position`` and ``event_time_ms`` (the joiner's
+    events or ``Impression`` protobufs); ``contexts`` are their (name, value) pairs sorted by name.
+    The joiner and the offline dataset path both featurise here, so their samples cannot differ.
+    """
+    n = len(impressions)
+    users = np.fromiter((i.user_id for i in impressions), np.int64, n)
+    items = np.fromiter((i.item_id for i in impressions), np.int64, n)
+    positions = np.fromiter((i.position for i in impressions), np.int64, n)
+    fids, lengths = batch_example_fids(users, items, positions, contexts)
+    label_vectors = np.asarray(label_vectors, np.float32).reshape(n, LABELS)
+    return SampleArrays(
+        fids=fids,
+        lengths=lengths,
+        labels=label_vectors[:, 0].copy(),
+        weights=np.asarray(weights, np.float32),
+        sample_ids=sample_ids,
+        event_time_ms=np.fromiter((i.event_time_ms for i in impressions), np.int64, n),
+        user_ids=users,
+        item_ids=items,
+        label_vectors=label_vectors,
+        versions=np.asarray(versions, np.int32),
+    )
 
 
 def encode_samples(samples: Sequence[Sample]) -> bytes:

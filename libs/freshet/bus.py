@@ -15,7 +15,7 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import nats
 from nats.aio.client import Client as NATS
@@ -146,6 +146,28 @@ async def declare_streams(js: JetStreamContext, specs: Sequence[StreamSpec] = AL
 async def declare_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
     """Creates the durable consumer, or updates its config when it exists (idempotent)."""
     await js.add_consumer(spec.stream, spec.config())
+
+
+async def ack_floor(js: JetStreamContext, spec: ConsumerSpec) -> int | None:
+    """The stream sequence everything up to which the durable consumer has acknowledged; None if it does not exist."""
+    try:
+        info = await js.consumer_info(spec.stream, spec.durable)
+    except NotFoundError:
+        return None
+    return info.ack_floor.stream_seq if info.ack_floor else 0
+
+
+async def restart_at(js: JetStreamContext, spec: ConsumerSpec, start_seq: int) -> ConsumerSpec:
+    """Deletes the durable consumer (if any) and returns its spec delivering from ``start_seq`` on.
+
+    Un-acknowledged messages of the old consumer would come back only after ``ack_wait``, behind
+    newer ones; a consumer re-created at a known position delivers them first and in order.
+    """
+    try:
+        await js.delete_consumer(spec.stream, spec.durable)
+    except NotFoundError:
+        pass
+    return replace(spec, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq))
 
 
 async def publish(

@@ -603,34 +603,23 @@ def dataset_samples(fmt: str, path: str | Path, batch_size: int, *, limit: int |
     """
     import numpy as np
 
-    from freshet.batches import SampleArrays
-    from freshet.fids import batch_example_fids
+    from freshet.batches import featurise
 
     pending: dict[tuple[str, int], list] = {}  # key -> [impression, clicked]
     ready: list[list] = []
 
-    def emit(rows: list[list]) -> SampleArrays:
+    def emit(rows: list[list]):
         imps = [row[0] for row in rows]
         n = len(imps)
-        users = np.fromiter((i.user_id for i in imps), np.int64, n)
-        items = np.fromiter((i.item_id for i in imps), np.int64, n)
-        positions = np.fromiter((i.position for i in imps), np.int64, n)
-        contexts = [tuple(sorted(i.context.items())) for i in imps]
-        fids, lengths = batch_example_fids(users, items, positions, contexts)
-        clicks = np.fromiter((1.0 if row[1] else 0.0 for row in rows), np.float32, n)
         vectors = np.zeros((n, 4), np.float32)
-        vectors[:, 0] = clicks
-        return SampleArrays(
-            fids=fids,
-            lengths=lengths,
-            labels=clicks,
-            weights=np.ones(n, np.float32),
-            sample_ids=[f"{i.request_id}:{i.item_id}:v1" for i in imps],
-            event_time_ms=np.fromiter((i.event_time_ms for i in imps), np.int64, n),
-            user_ids=users,
-            item_ids=items,
-            label_vectors=vectors,
-            versions=np.ones(n, np.int32),
+        vectors[:, 0] = [1.0 if row[1] else 0.0 for row in rows]
+        return featurise(
+            imps,
+            [tuple(sorted(i.context.items())) for i in imps],
+            vectors,
+            np.ones(n, np.float32),
+            [f"{i.request_id}:{i.item_id}:v1" for i in imps],
+            np.ones(n, np.int32),
         )
 
     for event in read_events(fmt, path, limit=limit):

@@ -680,14 +680,19 @@ def loss(
     Args:
         logits: float32 [B, n_tasks].
         label_vectors: float32 [B, 4], ``[click, like, share, dwell_s]``.
-        weights: float32 [B].
+        weights: float32 [B], or [B, n_tasks] to weigh each task of each sample on its own.
         tasks: the task names, in logit column order (``ModelConfig.tasks``).
     """
     columns = [TASKS.index(t) for t in tasks]
+    if isinstance(
+        label_vectors, np.ndarray
+    ):  # select in numpy: a writable copy, even of a decoded read-only batch
+        label_vectors = label_vectors[:, columns]
+        columns = slice(None)
     labels = torch.as_tensor(label_vectors, device=logits.device)[:, columns].to(logits.dtype)
     weights = torch.as_tensor(weights, device=logits.device).to(logits.dtype)
     per_task = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return (per_task * weights[:, None]).sum()
+    return (per_task * (weights if weights.dim() == 2 else weights[:, None])).sum()
 
 
 def model_from_setting(text: str) -> ModelConfig:

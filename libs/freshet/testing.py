@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -63,3 +65,12 @@ def data_dir() -> Path:
         return Path(env)
     beside = Path(__file__).resolve().parents[3] / "shared" / "data"
     return beside if beside.is_dir() else Path("/work/shared/data")
+
+
+def start_service(service: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Runs ``python -m services.<service>`` as a real process with env, appending its output to log."""
+    out = open(log, "ab")  # noqa: SIM115 - the child writes it; closed when the child's copy is
+    try:
+        return subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=env, stdout=out, stderr=out)
+    finally:
+        out.close()

@@ -504,12 +504,11 @@ _TYPES_OF_MASK = [frozenset(t for t in ActionType if mask >> t & 1) for mask in 
 
 
 def _encode(key: bytes, value: object) -> bytes:
+    """Bytes of an outbox entry, buffered actions or the meta (``commit`` encodes windows itself)."""
     if key.startswith(_O):
         return value
     if key.startswith(_B):
         return b"".join(_ACTION.pack(a.type, a.value, a.event_time_ms) for a in value)
-    if isinstance(value, WindowRecord):
-        return _encode_window(value)
     return json.dumps(_shallow_fields(value)).encode()  # JoinMeta, once per commit
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -31,14 +30,12 @@ import nats
 import numpy as np
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
-from freshet.batches import SampleArrays, encode_sample_arrays
+from freshet.batches import SampleArrays, encode_sample_arrays, featurise
 from freshet.config import BusConfig
 from freshet.events.v1 import events_pb2
-from freshet.fids import batch_example_fids
 from freshet.runtime import NatsMixin, Service
 from services.joiner.config import JoinerConfig
 from services.joiner.eventjoin import ActionEvent, EventJoin, ImpressionEvent, JoinedSample
@@ -71,25 +68,16 @@ def validate_action(action: events_pb2.Action) -> str | None:
 
 
 def joined_arrays(joined: list[JoinedSample]) -> SampleArrays:
-    """The training samples of joined impressions, featurised in one vectorised pass."""
+    """The training samples of joined impressions."""
+    n = len(joined)
     imps = [j.impression for j in joined]
-    n = len(imps)
-    users = np.fromiter((i.user_id for i in imps), np.int64, n)
-    items = np.fromiter((i.item_id for i in imps), np.int64, n)
-    positions = np.fromiter((i.position for i in imps), np.int64, n)
-    fids, lengths = batch_example_fids(users, items, positions, [i.context for i in imps])
-    labels = np.array([j.label_vector for j in joined], np.float32).reshape(n, 4)
-    return SampleArrays(
-        fids=fids,
-        lengths=lengths,
-        labels=labels[:, 0].copy(),
-        weights=np.fromiter((j.weight for j in joined), np.float32, n),
-        sample_ids=[j.sample_id for j in joined],
-        event_time_ms=np.fromiter((i.event_time_ms for i in imps), np.int64, n),
-        user_ids=users,
-        item_ids=items,
-        label_vectors=labels,
-        versions=np.fromiter((j.version for j in joined), np.int32, n),
+    return featurise(
+        imps,
+        [i.context for i in imps],
+        np.array([j.label_vector for j in joined], np.float32),
+        np.fromiter((j.weight for j in joined), np.float32, n),
+        [j.sample_id for j in joined],
+        np.fromiter((j.version for j in joined), np.int32, n),
     )
 
 
@@ -183,14 +171,13 @@ class JoinerService(NatsMixin, Service):
         committed in the join state (inputs are acknowledged after the commit); events after it
         that were committed too are recognised as duplicates when they come again.
         """
-        try:
-            info = await self.js.consumer_info(spec.stream, spec.durable)
-        except NotFoundError:
+        floor = await bus.ack_floor(self.js, spec)
+        if floor is None:
             return spec
-        start = info.ack_floor.stream_seq + 1 if info.ack_floor else 1
-        await self.js.delete_consumer(spec.stream, spec.durable)
-        logger.info("resuming events after the ack floor", extra={"start_seq": start, "consumer": spec.durable})
-        return replace(spec, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        logger.info(
+            "resuming events after the ack floor", extra={"start_seq": floor + 1, "consumer": spec.durable}
+        )
+        return await bus.restart_at(self.js, spec, floor + 1)
 
     async def _stop(self) -> None:
         await self._drain_nats()

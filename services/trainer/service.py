@@ -37,7 +37,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import grpc
 import nats
@@ -45,8 +45,7 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
-from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from freshet import bus, telemetry
@@ -55,7 +54,7 @@ from freshet.clients import ShardedStoreClient
 from freshet.config import BusConfig
 from freshet.metrics import ProgressiveMetrics
 from freshet.model.v1 import model_pb2
-from freshet.models import TASKS, CtrModel, ModelConfig, plan, pool
+from freshet.models import TASKS, BatchPlan, CtrModel, ModelConfig, loss, plan, pool
 from freshet.runtime import NatsMixin, Service
 from freshet.tensors import TensorError, to_tensor
 from services.trainer.config import TrainerConfig
@@ -71,7 +70,7 @@ class Prepared:
     """A batch with its pooling plan and the rows pulled for it."""
 
     batch: SampleArrays
-    plan: object
+    plan: BatchPlan
     rows: dict[str, np.ndarray]
 
 
@@ -101,7 +100,7 @@ class Learner:
         self.metrics = ProgressiveMetrics(window=metrics_window)
         self.step = 0
         self.samples_trained = 0
-        self._task_columns = [TASKS.index(t) for t in config.tasks]
+        self._metric_column = TASKS.index(config.tasks[0])  # the first task is the one evaluated
 
     async def prepare(self, batch: SampleArrays) -> Prepared:
         """Plans the batch and pulls its rows from every table concurrently."""
@@ -121,26 +120,24 @@ class Learner:
         logits = self.model(pool(prep.plan, rows))
         probs = torch.sigmoid(logits[:, 0]).detach().numpy()
         first = batch.versions <= 1
-        self.metrics.update(probs[first], batch.label_vectors[first, self._task_columns[0]])
-        loss = self._loss(logits, batch)
+        self.metrics.update(probs[first], batch.label_vectors[first, self._metric_column])
+        total = self._loss(logits, batch)
         if self.optimizer is not None:
             self.optimizer.zero_grad()
-        loss.backward()
+        total.backward()
         if self.optimizer is not None:
             self.optimizer.step()
         grads = {name: r.grad.numpy() for name, r in rows.items() if name in prep.rows and r.grad is not None}
         self.step += 1
         self.samples_trained += len(batch)
-        return Computed(probs, grads, float(loss.detach()))
+        return Computed(probs, grads, float(total.detach()))
 
     def _loss(self, logits: torch.Tensor, batch: SampleArrays) -> torch.Tensor:
-        """Weighted BCE summed over samples and tasks; label updates (version > 1) skip the click task."""
-        labels = torch.from_numpy(np.ascontiguousarray(batch.label_vectors[:, self._task_columns]))
-        weights = torch.from_numpy(batch.weights.astype(np.float32))[:, None].expand_as(labels).clone()
-        if "click" in self.config.tasks and (batch.versions > 1).any():
-            weights[torch.from_numpy(batch.versions > 1), self.config.tasks.index("click")] = 0.0
-        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.clamp(0, 1), reduction="none")
-        return (per * weights).sum()
+        """The model's loss; label updates (version > 1) weigh nothing on the click task."""
+        weights = np.repeat(batch.weights.astype(np.float32)[:, None], len(self.config.tasks), axis=1)
+        if "click" in self.config.tasks:
+            weights[batch.versions > 1, self.config.tasks.index("click")] = 0.0
+        return loss(logits, batch.label_vectors, weights, self.config.tasks)
 
     async def push(self, prep: Prepared, computed: Computed) -> None:
         """Pushes each table's gradients with the number of samples behind each (the rows' frequencies)."""
@@ -365,11 +362,7 @@ class TrainerService(NatsMixin, Service):
         mode = self.config.start
         if start is None:
             if mode == "resume":
-                try:
-                    info = await self.js.consumer_info(spec.stream, spec.durable)
-                    start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
-                except NotFoundError:
-                    start = 1
+                start = (await bus.ack_floor(self.js, spec) or 0) + 1
             elif mode == "new":
                 start = (await self.js.stream_info(spec.stream)).state.last_seq + 1
             else:
@@ -384,11 +377,7 @@ class TrainerService(NatsMixin, Service):
                         "(give every store shard FRESHET_STORE_DATA_DIR, or set FRESHET_TRAINER_CHECKPOINT_S=0 "
                         "for at-least-once training)"
                     ) from None
-        try:
-            await self.js.delete_consumer(spec.stream, spec.durable)
-        except NotFoundError:
-            pass
-        return replace(spec, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start))
+        return await bus.restart_at(self.js, spec, start)
 
     # -- training ------------------------------------------------------------------------------------
 

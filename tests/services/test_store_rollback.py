@@ -16,7 +16,7 @@ from services.store.optimizers import AdagradConfig, AdamConfig
 from services.store.table import initial_values
 from services.store.tables import SlotPolicy, TableSpec
 from services.store.tiered import RollbackError, TieredTable
-from tests.services.test_store_tiered import _Clock, _in_host
+from tests.services.test_store_tiered import _Clock, _drain, _in_host
 
 DIM = 4
 TAG = "trainer@1234"
@@ -298,19 +298,6 @@ def test_after_rollback_the_cuda_device_cache_serves_no_stale_row(tmp_path: Path
 # -- versions and export --------------------------------------------------------------------------------
 
 
-def _drain(table: TieredTable, since: int, limit: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    fids, values, versions = [], [], []
-    for _ in range(1000):
-        page = table.export(since, limit)
-        fids.append(page.fids)
-        values.append(page.values)
-        versions.append(page.versions)
-        since = page.next_version
-        if not page.has_more:
-            break
-    return np.concatenate(fids), np.concatenate(values), np.concatenate(versions)
-
-
 def test_export_after_rollback_streams_restored_rows_and_initial_values_of_removed_ones(tmp_path: Path):
     spec = TableSpec("t", DIM, optimizer=AdagradConfig(0.1), host_capacity=50)
     table = TieredTable(spec, data_dir=str(tmp_path / "db"))
@@ -325,7 +312,7 @@ def test_export_after_rollback_streams_restored_rows_and_initial_values_of_remov
     table.rollback(TAG)
 
     assert table.version == before + len(changed) + len(new)
-    fids, values, versions = _drain(table, before)
+    fids, values, versions = _drain(table, before, 7)
     assert np.all(np.diff(versions) > 0) and versions.min() > before and versions.max() == table.version
     got = dict(zip(fids.tolist(), values, strict=True))
     assert sorted(got) == sorted([*changed.tolist(), *new.tolist()])
@@ -333,13 +320,13 @@ def test_export_after_rollback_streams_restored_rows_and_initial_values_of_remov
     np.testing.assert_array_equal(np.stack([got[f] for f in new.tolist()]), _initial(spec, new))
 
     # A full export agrees with pulls: every fid once, removed ones at their initial value.
-    fids, values, _ = _drain(table, 0)
+    fids, values, _ = _drain(table, 0, 7)
     assert len(np.unique(fids)) == len(fids) == len(old) + len(new)
     np.testing.assert_array_equal(values, table.pull(fids))
 
     # A removed fid that gets a row again is exported as that row, once.
     table.push(new[:1], np.ones((1, DIM), np.float32))
-    fids, values, versions = _drain(table, 0)
+    fids, values, versions = _drain(table, 0, 7)
     assert (fids == new[0]).sum() == 1 and versions[fids == new[0]][0] == table.version
     np.testing.assert_array_equal(values, table.pull(fids))
     table.checkpoint()
