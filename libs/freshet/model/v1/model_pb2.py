@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from freshet.common.v1 import tensor_pb2 as freshet_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reshet/model/v1/model.proto\x12\x10\x66reshet.model.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"\x8a\x02\n\rDenseSnapshot\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12;\n\x06params\x18\x03 \x03(\x0b\x32+.freshet.model.v1.DenseSnapshot.ParamsEntry\x12\x17\n\x0fsamples_trained\x18\x04 \x01(\x03\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x12\x12\n\nstream_seq\x18\x06 \x01(\x03\x12\x14\n\x0cmodel_config\x18\x07 \x01(\t\x1aH\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\xb0\x03\n\nModelDelta\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\x03\x12\x13\n\x0bnew_version\x18\x06 \x01(\x03\x12\'\n\x04\x66ids\x18\x07 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06values\x18\x08 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x36\n\x05\x64\x65nse\x18\t \x03(\x0b\x32\'.freshet.model.v1.ModelDelta.DenseEntry\x12\x12\n\ndense_step\x18\n \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\r\x12\x12\n\ncreated_ms\x18\x0c \x01(\x03\x12)\n\x06scales\x18\r \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x1aG\n\nDenseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\xbb\x01\n\x08\x41pproval\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x13\n\x0bnew_version\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65lta_stream_seq\x18\x05 \x01(\x04\x12,\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x1a.freshet.model.v1.Decision\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\ndecided_ms\x18\x08 \x01(\x03*O\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reshet/model/v1/model.proto\x12\x10\x66reshet.model.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"\x8a\x02\n\rDenseSnapshot\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12;\n\x06params\x18\x03 \x03(\x0b\x32+.freshet.model.v1.DenseSnapshot.ParamsEntry\x12\x17\n\x0fsamples_trained\x18\x04 \x01(\x03\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x12\x12\n\nstream_seq\x18\x06 \x01(\x03\x12\x14\n\x0cmodel_config\x18\x07 \x01(\t\x1aH\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\xb0\x03\n\nModelDelta\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\x03\x12\x13\n\x0bnew_version\x18\x06 \x01(\x03\x12\'\n\x04\x66ids\x18\x07 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06values\x18\x08 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x36\n\x05\x64\x65nse\x18\t \x03(\x0b\x32\'.freshet.model.v1.ModelDelta.DenseEntry\x12\x12\n\ndense_step\x18\n \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\r\x12\x12\n\ncreated_ms\x18\x0c \x01(\x03\x12)\n\x06scales\x18\r \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x1aG\n\nDenseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor:\x02\x38\x01\"\xe0\x02\n\x08\x41pproval\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x13\n\x0bnew_version\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65lta_stream_seq\x18\x05 \x01(\x04\x12,\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x1a.freshet.model.v1.Decision\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\ndecided_ms\x18\x08 \x01(\x03\x12\r\n\x05table\x18\t \x01(\t\x12\x10\n\x08snapshot\x18\n \x01(\t\x12\x18\n\x10rollback_version\x18\x0b \x01(\x04\x12\x38\n\x07metrics\x18\x0c \x03(\x0b\x32\'.freshet.model.v1.Approval.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb2\x01\n\rShardPosition\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12J\n\x0etable_versions\x18\x03 \x03(\x0b\x32\x32.freshet.model.v1.ShardPosition.TableVersionsEntry\x1a\x34\n\x12TableVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"]\n\rSnapshotChunk\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\r\"\x9d\x02\n\x10SnapshotManifest\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x12\n\ncreated_ms\x18\x03 \x01(\x03\x12/\n\x06shards\x18\x04 \x03(\x0b\x32\x1f.freshet.model.v1.ShardPosition\x12\x18\n\x10\x64\x65lta_stream_seq\x18\x05 \x01(\x04\x12\x16\n\x0e\x64\x65nse_sequence\x18\x06 \x01(\x03\x12\x12\n\ndense_step\x18\x07 \x01(\x03\x12\x14\n\x0cmodel_config\x18\x08 \x01(\t\x12/\n\x06\x63hunks\x18\t \x03(\x0b\x32\x1f.freshet.model.v1.SnapshotChunk\x12\x0c\n\x04rows\x18\n \x01(\x03\x12\x0e\n\x06reason\x18\x0b \x01(\t\"0\n\x0fSnapshotRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*f\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x02\x12\x15\n\x11\x44\x45\x43ISION_ROLLBACK\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DENSESNAPSHOT_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_MODELDELTA_DENSEENTRY']._loaded_options = None
   _globals['_MODELDELTA_DENSEENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=976
-  _globals['_DECISION']._serialized_end=1055
+  _globals['_APPROVAL_METRICSENTRY']._loaded_options = None
+  _globals['_APPROVAL_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_SHARDPOSITION_TABLEVERSIONSENTRY']._loaded_options = None
+  _globals['_SHARDPOSITION_TABLEVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_DECISION']._serialized_start=1755
+  _globals['_DECISION']._serialized_end=1857
   _globals['_DENSESNAPSHOT']._serialized_start=83
   _globals['_DENSESNAPSHOT']._serialized_end=349
   _globals['_DENSESNAPSHOT_PARAMSENTRY']._serialized_start=277
@@ -47,5 +51,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELDELTA_DENSEENTRY']._serialized_start=713
   _globals['_MODELDELTA_DENSEENTRY']._serialized_end=784
   _globals['_APPROVAL']._serialized_start=787
-  _globals['_APPROVAL']._serialized_end=974
+  _globals['_APPROVAL']._serialized_end=1139
+  _globals['_APPROVAL_METRICSENTRY']._serialized_start=1093
+  _globals['_APPROVAL_METRICSENTRY']._serialized_end=1139
+  _globals['_SHARDPOSITION']._serialized_start=1142
+  _globals['_SHARDPOSITION']._serialized_end=1320
+  _globals['_SHARDPOSITION_TABLEVERSIONSENTRY']._serialized_start=1268
+  _globals['_SHARDPOSITION_TABLEVERSIONSENTRY']._serialized_end=1320
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1322
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1415
+  _globals['_SNAPSHOTMANIFEST']._serialized_start=1418
+  _globals['_SNAPSHOTMANIFEST']._serialized_end=1703
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1705
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1753
 # @@protoc_insertion_point(module_scope)
