@@ -30,7 +30,7 @@ import numpy as np
 
 from freshet.clients import ShardedStoreClient
 from freshet.natsserver import free_port
-from services.predictor.replica import RowMap
+from freshet.replica import RowMap
 from services.store.optimizers import RowwiseAdagradConfig
 from services.store.tables import TableSpec
 from services.store.tiered import TieredTable

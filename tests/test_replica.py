@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.predictor.replica import RowMap
+from freshet.replica import RowMap
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from freshet.predictor.v1 import predictor_pb2
 from freshet.runtime import GrpcServer, NatsMixin, Service
 from freshet.tensors import to_tensor
 from services.predictor.config import PredictorConfig
-from services.predictor.replica import Replica
+from freshet.replica import Replica
 
 logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)

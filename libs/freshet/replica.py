@@ -1,4 +1,4 @@
-"""The serving replica: rows and dense parameters of one model at one version.
+"""The serving replica: rows and dense parameters of one model at one version (predictor and validator).
 
 The replica scores with the trainer's network (``freshet.models``, built from the same
 ``FRESHET_MODEL_CONFIG``): rows per store table, dense parameters from the latest snapshot that
