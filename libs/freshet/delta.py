@@ -10,10 +10,20 @@ import numpy as np
 from freshet.model.v1 import model_pb2
 from freshet.tensors import from_tensor, to_tensor
 
+# The shard number of dense-parameter deltas and of a snapshot's dense chunk.
+DENSE_SHARD = -1
+
 
 def delta_subject(model: str, shard: int = 0) -> str:
-    """Subject of one store shard's deltas: ``model.<model>.delta.<shard>``."""
+    """Subject of one store shard's deltas: ``model.<model>.delta.<shard>`` (``dense_subject`` for shard -1)."""
+    if shard == DENSE_SHARD:
+        return dense_subject(model)
     return f"model.{model}.delta.{shard}"
+
+
+def dense_subject(model: str) -> str:
+    """Subject of the dense-parameter deltas (shard ``DENSE_SHARD``): ``model.<model>.delta.dense``."""
+    return f"model.{model}.delta.dense"
 
 
 def decision_subject(model: str) -> str:
@@ -77,6 +87,7 @@ class Delta:
     dense_step: int = 0
     created_ms: int = 0
     encoding: str = "fp32"  # how rows travel (``quantize``); decoded deltas hold float32 values
+    checksum: int = 0  # the message's crc32 when decoded (``decode_delta``); ``to_proto`` computes its own
 
     def to_proto(self) -> model_pb2.ModelDelta:
         values, scales = quantize(self.values, self.encoding)
@@ -143,4 +154,5 @@ def decode_delta(data: bytes) -> Delta:
         dense_step=msg.dense_step,
         created_ms=msg.created_ms,
         encoding=encoding,
+        checksum=msg.checksum,
     )
