@@ -56,7 +56,10 @@ bench-joiner: $(STAMP) ## joiner throughput and join latency -> bench/results/jo
 bench-train: $(STAMP) ## samples/s through joiner -> trainer -> store vs static torch -> bench/results/train.json (+ train.md)
 	$(BIN)/python bench/train_bench.py
 
+bench-serve: $(STAMP) ## freshness and Predict latency with every service running -> bench/results/serve.json (+ serve.md)
+	$(BIN)/python bench/serve_bench.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help setup protos protos-check lint format test test-unit demo bench-store bench-device-cache bench-joiner bench-train clean
+.PHONY: help setup protos protos-check lint format test test-unit demo bench-store bench-device-cache bench-joiner bench-train bench-serve clean
