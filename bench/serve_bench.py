@@ -38,11 +38,15 @@ from train_bench import Services, cpu_seconds, machine_jiffies, nats_pid, progre
 from freshet import bus
 from freshet.clients import PredictorClient
 from freshet.config import BusConfig
+from freshet.delta import decode_delta
 from freshet.demo import wait_serving
 from freshet.eventlog import EventPublisher
 from freshet.events.v1 import events_pb2
+from freshet.fids import SLOT_ITEM, int_fids
+from freshet.model.v1 import model_pb2
 from freshet.models import ModelConfig
 from freshet.natsserver import EmbeddedNats, free_port
+from freshet.samples.v1 import samples_pb2
 from freshet.synthetic import SyntheticConfig, SyntheticSource
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,15 +88,85 @@ async def generate_load(nats_url: str, rate: float, seed: int) -> None:
         await asyncio.sleep(0.01)
 
 
+# -- where a probe's time goes --------------------------------------------------------------------------
+
+
+class StageClock:
+    """When each watched probe passed each stage, seen by core subscriptions on the pipeline's subjects.
+
+    Stages: ``sample`` (its sample is in the SAMPLES stream: the joiner's part), ``delta`` (a delta with
+    its item's row is published: trainer, store and publisher), ``decision`` (that delta is approved:
+    validator); the rest of the freshness is the predictor fetching and applying it.
+    """
+
+    def __init__(self) -> None:
+        self.sample_ids: dict[str, int] = {}  # sample id -> probe
+        self.item_fids: dict[int, int] = {}  # the probe item's fid -> probe
+        self.delta_probes: dict[tuple[int, int], list[int]] = {}  # (shard, sequence) -> probes in it
+        self.at: dict[int, dict[str, float]] = {}  # probe -> stage -> monotonic time
+
+    def watch(self, probe: int, request_id: str, item: int) -> None:
+        self.sample_ids[f"{request_id}:{item}:v1"] = probe
+        self.item_fids[int(int_fids(SLOT_ITEM, np.array([item]))[0])] = probe
+        self.at[probe] = {}
+
+    def _mark(self, probe: int, stage: str, when: float) -> None:
+        self.at[probe].setdefault(stage, when)
+
+    async def on_sample(self, msg) -> None:
+        when = time.monotonic()
+        for sample_id in samples_pb2.SampleBatch.FromString(msg.data).sample_ids:
+            if (probe := self.sample_ids.get(sample_id)) is not None:
+                self._mark(probe, "sample", when)
+
+    async def on_delta(self, msg) -> None:
+        when = time.monotonic()
+        delta = decode_delta(msg.data)
+        probes = [self.item_fids[f] for f in delta.fids.tolist() if f in self.item_fids]
+        for probe in probes:
+            self._mark(probe, "delta", when)
+        if probes:
+            self.delta_probes[(delta.shard, delta.sequence)] = probes
+
+    async def on_decision(self, msg) -> None:
+        when = time.monotonic()
+        approval = model_pb2.Approval.FromString(msg.data)
+        for probe in self.delta_probes.get((approval.shard, approval.sequence), []):
+            self._mark(probe, "decision", when)
+
+    def breakdown(self, sent: dict[int, float], visible: dict[int, float]) -> dict[str, float]:
+        """Median milliseconds of each stage over the probes that passed every stage."""
+        parts: dict[str, list[float]] = {
+            "joiner": [],
+            "trainer_store_publisher": [],
+            "validator": [],
+            "predictor": [],
+        }
+        for probe, seen in visible.items():
+            at = self.at.get(probe, {})
+            if {"sample", "delta", "decision"} <= at.keys():
+                parts["joiner"].append(at["sample"] - sent[probe])
+                parts["trainer_store_publisher"].append(at["delta"] - at["sample"])
+                parts["validator"].append(at["decision"] - at["delta"])
+                parts["predictor"].append(seen - at["decision"])
+        return {name: round(1000 * float(np.median(v)), 1) if v else None for name, v in parts.items()}
+
+
 # -- the measurements -----------------------------------------------------------------------------------
 
 
 async def probe_freshness(
-    publisher: EventPublisher, predictor: PredictorClient, k: int, poll_s: float, timeout_s: float
-) -> tuple[float, int] | None:
-    """Milliseconds from a click's publish to the predictor reflecting it, and the version; None on timeout."""
+    publisher: EventPublisher,
+    predictor: PredictorClient,
+    clock: StageClock,
+    k: int,
+    poll_s: float,
+    timeout_s: float,
+) -> tuple[float, float] | None:
+    """When probe ``k``'s click was published and when the predictor reflected it; None on timeout."""
     user, item, other = PROBE_USER_BASE + k, PROBE_ITEM_BASE + 2 * k, PROBE_ITEM_BASE + 2 * k + 1
     request_id = f"probe-{k}-{time.time_ns()}"
+    clock.watch(k, request_id, item)
     now_ms = bus.now_ms()
     await publisher.add(
         events_pb2.Impression(request_id=request_id, user_id=user, item_id=item, position=0, event_time_ms=now_ms)
@@ -111,9 +185,9 @@ async def probe_freshness(
     await publisher.flush()
     candidates = np.array([item, other], np.int64)
     while time.monotonic() - sent < timeout_s:
-        scores, version = await predictor.predict(MODEL, user, candidates, 0)
+        scores, _ = await predictor.predict(MODEL, user, candidates, 0)
         if scores[0] != scores[1]:
-            return (time.monotonic() - sent) * 1000.0, version
+            return sent, time.monotonic()
         await asyncio.sleep(poll_s)
     return None
 
@@ -211,17 +285,27 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
                 progress(f"serving; warming up {args.warmup_s:.0f} s")
                 await asyncio.sleep(args.warmup_s)
                 probe_publisher = EventPublisher(js, 1, f"probe-{time.time_ns()}")
+                clock = StageClock()
+                for subject, handler in (
+                    ("samples.>", clock.on_sample),
+                    (f"model.{MODEL}.delta.*", clock.on_delta),
+                    (f"model.{MODEL}.decision", clock.on_decision),
+                ):
+                    await nc.subscribe(subject, cb=handler)
                 freshness: list[float] = []
+                sent: dict[int, float] = {}
+                visible: dict[int, float] = {}
                 timeouts = 0
                 for k in range(args.probes):
                     check(services, load)
                     result = await probe_freshness(
-                        probe_publisher, predictor, k, args.poll_ms / 1000.0, args.probe_timeout_s
+                        probe_publisher, predictor, clock, k, args.poll_ms / 1000.0, args.probe_timeout_s
                     )
                     if result is None:
                         timeouts += 1
                     else:
-                        freshness.append(result[0])
+                        sent[k], visible[k] = result
+                        freshness.append(1000.0 * (result[1] - result[0]))
                     if (k + 1) % 10 == 0:
                         progress(
                             f"probe {k + 1}/{args.probes}: freshness p50 {percentile(freshness, 50):.0f} ms,"
@@ -253,6 +337,7 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
         "freshness_max_ms": round(max(freshness), 1) if freshness else None,
         "freshness_probes": len(freshness),
         "freshness_timeouts": timeouts,
+        "freshness_median_stage_ms": clock.breakdown(sent, visible),
         "predict_p50_ms": round(percentile(latencies, 50), 2),
         "predict_p99_ms": round(percentile(latencies, 99), 2),
         "predict_requests": len(latencies),
@@ -282,9 +367,11 @@ def table(result: dict) -> str:
     ]
     lines = ["| measure | result | target |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    stages = ", ".join(f"{name} {ms}" for name, ms in result["freshness_median_stage_ms"].items())
     cpu = ", ".join(f"{name} {secs:.1f}" for name, secs in result["cpu_s"].items())
-    return (
-        "\n".join(lines) + f"\n\nCPU seconds during the run: {cpu}; machine busy {result['machine_busy']:.0%}.\n"
+    return "\n".join(lines) + (
+        f"\n\nMedian ms per stage of a probe: {stages}.\n"
+        f"CPU seconds during the run: {cpu}; machine busy {result['machine_busy']:.0%}.\n"
     )
 
 
