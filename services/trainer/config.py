@@ -33,7 +33,11 @@ class TrainerConfig:
         True,
     )
     fetch_batch: int = env_field("FRESHET_TRAIN_FETCH", "sample messages fetched at once at most", 64)
-    fetch_timeout_s: float = env_field("FRESHET_TRAIN_FETCH_TIMEOUT_S", "max wait to fill a batch", 0.05)
+    fetch_timeout_s: float = env_field(
+        "FRESHET_TRAIN_FETCH_TIMEOUT_S",
+        "max wait for a sample message; a step then trains what has arrived (up to FRESHET_TRAIN_FETCH messages)",
+        0.05,
+    )
     dense_interval_s: float = env_field("FRESHET_DENSE_INTERVAL_S", "seconds between dense snapshots", 1.0)
     dense_interval_steps: int = env_field(
         "FRESHET_DENSE_INTERVAL_STEPS", "also publish a dense snapshot after this many steps (0: by time only)", 0
