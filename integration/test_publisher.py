@@ -8,6 +8,7 @@ import json
 from collections import defaultdict
 from contextlib import AsyncExitStack
 
+import grpc
 import numpy as np
 import pytest
 from nats.js.api import DiscardPolicy
@@ -382,3 +383,37 @@ async def test_a_stream_that_refuses_deltas_is_retried_without_moving_cursors(na
     deltas = await _deltas(js)
     _check_stream_order(deltas)
     assert _replay(deltas) == _store_rows(stores)
+
+
+async def test_failed_exports_are_retried_and_lose_nothing(nats_url, js, stores, writer):
+    rng = np.random.default_rng(10)
+    async with PublisherService(_config(stores, retry_backoff_s=0.05), BusConfig(nats_url=nats_url)) as publisher:
+        export, failures = publisher.shards[1].client.export, []
+
+        async def unavailable_thrice(table, since, limit):
+            if len(failures) < 3:
+                failures.append(since)
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "store restarting")
+            return await export(table, since, limit)
+
+        publisher.shards[1].client.export = unavailable_thrice
+        await _push(writer, rng)
+        await assert_eventually(
+            lambda: _caught_up(publisher, stores), message="caught up after the store came back"
+        )
+        assert publisher.stats["retries"] >= 3 and not publisher.failed
+
+    assert len(failures) == 3
+    deltas = await _deltas(js)
+    _check_stream_order(deltas)
+    assert _replay(deltas) == _store_rows(stores)
+
+
+async def test_a_store_without_a_table_of_the_model_stops_the_publisher_with_the_store_error(nats_url, js):
+    async with StoreService(StoreConfig(port=0, tables=("fm:9",))) as store:
+        config = PublisherConfig(store_address=store.address, model_config=MODEL_CONFIG, interval_s=0.02)
+        async with PublisherService(config, BusConfig(nats_url=nats_url)) as publisher:
+            await assert_eventually(lambda: publisher.failed is not None, message="publisher stopped")
+            assert publisher.stopping.is_set()
+    assert publisher.failed.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown table 'fm_17'" in publisher.failed.details()
