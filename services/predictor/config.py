@@ -28,4 +28,20 @@ class PredictorConfig:
     max_candidates: int = env_field(
         "FRESHET_PREDICT_MAX_CANDIDATES", "larger Predict requests get RESOURCE_EXHAUSTED", 2_000
     )
+    max_request_bytes: int = env_field(
+        "FRESHET_PREDICT_MAX_REQUEST_BYTES",
+        "larger Predict requests (serialized) get RESOURCE_EXHAUSTED from gRPC; also caps responses",
+        1 << 20,
+    )
+    resync_request_timeout_s: float = env_field(
+        "FRESHET_RESYNC_REQUEST_TIMEOUT_S", "gap repair: how long a snapshot request waits for the publisher", 30.0
+    )
+    resync_approval_wait_s: float = env_field(
+        "FRESHET_RESYNC_APPROVAL_WAIT_S",
+        "gap repair: how long to wait for the validator to approve the requested snapshot",
+        30.0,
+    )
+    resync_retry_max_s: float = env_field(
+        "FRESHET_RESYNC_RETRY_MAX_S", "gap repair: longest pause between attempts (they never stop)", 5.0
+    )
     port_file: str = env_field("FRESHET_PREDICTOR_PORT_FILE", "if set, the bound port is written there", "")

@@ -1,43 +1,44 @@
-"""The predictor: a replica that applies approved deltas in order and serves Predict over gRPC.
+"""The predictor: serves Predict over gRPC from a replica that follows the model's approved state.
 
-It follows ``model.<model>.decision`` from the start of the stream with an ordered consumer;
-each approval names the delta's stream sequence, which is fetched and applied. A delta whose
-sequence is not the next one expected is logged as a gap and counted (repair by snapshot
-resync is issue #6's work); a rejection advances the expected sequence without applying.
+``freshet.follower.Follower`` boots the replica from the latest approved snapshot, applies approved
+deltas in order, repairs gaps by resync and honours rollbacks; rebuilt replicas are swapped in whole.
+Each Predict reads the served replica once and scores it without awaiting, so it is answered by
+exactly one model version, which it returns. gRPC health is NOT_SERVING until the boot catch-up is
+done; reflection lists the Predictor and health services.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
 
-from freshet import bus, telemetry
+from freshet import telemetry
 from freshet.config import BusConfig
-from freshet.delta import DeltaError, decision_subject, decode_delta
 from freshet.fids import example_fids
+from freshet.follower import Follower, FollowerSettings, FollowerStats
 from freshet.grpcutil import BadRequest, strict_service, tensor_arg
-from freshet.model.v1 import model_pb2
 from freshet.models import model_from_setting
 from freshet.predictor.v1 import predictor_pb2
+from freshet.replica import Replica
 from freshet.runtime import GrpcServer, NatsMixin, Service
 from freshet.tensors import to_tensor
 from services.predictor.config import PredictorConfig
-from freshet.replica import Replica
 
 logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 SERVICE_NAME = "freshet.predictor.v1.Predictor"
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class PredictorService(NatsMixin, Service):
-    """One serving replica."""
+    """One serving replica with its own decision consumer."""
 
     name = "predictor"
 
@@ -47,31 +48,77 @@ class PredictorService(NatsMixin, Service):
         self.bus_config = bus_config
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
-        self.replica = Replica(model_from_setting(config.model_config), config.replica_dtype)
+        self.model_config = model_from_setting(config.model_config)
+        Replica(self.model_config, config.replica_dtype)  # a bad dtype fails here, at start-up
+        self.settings = FollowerSettings(
+            request_timeout_s=config.resync_request_timeout_s,
+            approval_wait_s=config.resync_approval_wait_s,
+            retry_max_s=config.resync_retry_max_s,
+        )
+        self.follower: Follower | None = None
         self.grpc: GrpcServer | None = None
-        self.gaps = 0
-        self.rejected = 0
-        self.bad_decisions = 0
-        self._decided: dict[int, int] = {}  # last delta sequence decided (applied or rejected) per shard
 
     @property
     def address(self) -> str:
         assert self.grpc is not None, "service not started"
         return self.grpc.address
 
+    @property
+    def replica(self) -> Replica:
+        """The replica served now (a rebuild replaces the object)."""
+        assert self.follower is not None, "service not started"
+        return self.follower.replica
+
+    @property
+    def stats(self) -> FollowerStats:
+        assert self.follower is not None, "service not started"
+        return self.follower.stats
+
+    @property
+    def gaps(self) -> int:
+        return self.stats.gaps
+
+    @property
+    def rejected(self) -> int:
+        return self.stats.rejected
+
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-predictor")
-        self.grpc = GrpcServer(self.config.host, self.config.port)
+        self.follower = Follower(
+            self.nc,
+            self.js,
+            self.config.model,
+            lambda: Replica(self.model_config, self.config.replica_dtype),
+            self.settings,
+            name="predictor",
+        )
+        # The request limit is also the response limit: a response (float32 scores) is always
+        # smaller than the request that asked for it (int64 ids).
+        self.grpc = GrpcServer(self.config.host, self.config.port, max_message_bytes=self.config.max_request_bytes)
         self.grpc.server.add_generic_rpc_handlers(
             [strict_service(SERVICE_NAME, {"Predict": (self.predict, predictor_pb2.PredictRequest)})]
         )
-        await self.grpc.start([SERVICE_NAME])
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), self.grpc.server)
+        # Not GrpcServer.start, which reports SERVING at once: this replica serves once caught up.
+        await self.grpc.server.start()
+        for svc in ("", SERVICE_NAME):
+            await self.grpc.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc.write_port_file(self.config.port_file)
-        self._sub = await self.js.subscribe(
-            decision_subject(self.config.model), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
-        self.spawn(self._follow(), "predictor-follow")
-        logger.info("predictor serving", extra={"address": self.grpc.address, "model": self.config.model})
+        self.spawn(self.follower.run(self.stopping), "predictor-follow")
+        self.spawn(self._serve_when_ready(), "predictor-ready")
+        logger.info("predictor started", extra={"address": self.grpc.address, "model": self.config.model})
+
+    async def _serve_when_ready(self) -> None:
+        ready = asyncio.ensure_future(self.follower.ready.wait())
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
+        if self.stopping.is_set():
+            return
+        for svc in ("", SERVICE_NAME):
+            await self.grpc.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("predictor serving", extra={"model": self.config.model, "version": self.follower.version})
 
     async def _before_drain(self) -> None:
         if self.grpc:
@@ -82,70 +129,6 @@ class PredictorService(NatsMixin, Service):
         if self.grpc:
             await self.grpc.stop(grace_s=1.0)
 
-    async def _follow(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                msg = await self._sub.next_msg(timeout=0.25)
-            except TimeoutError:
-                continue
-            except Exception:  # noqa: BLE001 - subscription closed by drain on shutdown
-                if self.stopping.is_set():
-                    return
-                raise
-            await self._on_decision(msg)
-
-    async def _on_decision(self, msg) -> None:
-        try:
-            approval = model_pb2.Approval.FromString(msg.data)
-        except DecodeError as exc:
-            self.bad_decisions += 1
-            logger.error("undecodable decision skipped", extra={"error": str(exc)})
-            return
-        expected = self.expected_sequence(approval.shard)
-        if approval.sequence and approval.sequence < expected:
-            return  # already applied or skipped: deltas are idempotent, nothing to do
-        if approval.sequence > expected:
-            self.gaps += 1
-            logger.error(
-                "delta sequence gap",
-                extra={
-                    "expected": expected,
-                    "got": approval.sequence,
-                    "shard": approval.shard,
-                    "model": approval.model,
-                },
-            )
-        if approval.decision != model_pb2.DECISION_APPROVE:
-            self.rejected += 1
-            self._decided[approval.shard] = approval.sequence
-            return
-        try:
-            raw = await self.js.get_msg(bus.MODEL.name, seq=approval.delta_stream_seq, direct=True)
-        except NotFoundError:
-            # Not skipped silently: the sequence stays expected, so the next delta shows as a gap.
-            self.bad_decisions += 1
-            logger.error(
-                "approved delta missing from the stream",
-                extra={"sequence": approval.sequence, "stream_seq": approval.delta_stream_seq},
-            )
-            return
-        parent = telemetry.extract_headers(raw.headers)
-        with tracer.start_as_current_span(
-            "apply_delta", context=parent, attributes={"sequence": approval.sequence}
-        ):
-            try:
-                delta = decode_delta(raw.data)
-                self.replica.apply(delta)
-            except (DeltaError, ValueError) as exc:
-                logger.error(
-                    "approved delta cannot be applied", extra={"sequence": approval.sequence, "error": str(exc)}
-                )
-                return
-
-    def expected_sequence(self, shard: int = 0) -> int:
-        """The next delta sequence this replica expects from a store shard."""
-        return max(self._decided.get(shard, 0), self.replica.shard_sequences.get(shard, 0)) + 1
-
     async def predict(self, request: predictor_pb2.PredictRequest, context) -> predictor_pb2.PredictResponse:
         if request.model and request.model != self.config.model:
             raise BadRequest(
@@ -155,7 +138,10 @@ class PredictorService(NatsMixin, Service):
         items = tensor_arg(request.item_ids, np.int64, 1, "item_ids", self.config.max_candidates, "candidates")
         if request.user_id < 0 or (items < 0).any() or request.position < 0:
             raise BadRequest("user_id, item_ids and position must be >= 0")
-        # No await between reading the version and scoring: one request sees one version.
-        version = self.replica.version
-        scores = self.replica.score(example_fids(request.user_id, items, request.position, dict(request.context)))
+        fids = example_fids(request.user_id, items, request.position, dict(request.context))
+        # One read of the served replica, then no await until the scores exist: a swap or a live
+        # delta lands before or after this request, never inside it.
+        replica = self.follower.replica
+        version = replica.version
+        scores = replica.score(fids)
         return predictor_pb2.PredictResponse(scores=to_tensor(scores), model_version=version)
