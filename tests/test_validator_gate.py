@@ -157,16 +157,56 @@ def test_flipped_label_training_drops_auc_and_rolls_back_to_the_last_good_copy(t
     assert not again.approve and again.rollback_version is None
 
 
-def test_candidates_are_approved_again_once_healthy_after_a_rollback(trained, source):
+def test_candidates_are_approved_again_after_enough_healthy_ones_in_a_row(trained, source):
     poisoned = train_delta(trained.shadow, flipped(synthetic_samples(400, source, 70_000)), steps=40, sequence=2)
-    verdict = trained.evaluate_delta(poisoned)
-    trained.commit(poisoned, verdict, version=8)
-    assert trained.degraded
-    healthy = next_delta(trained, synthetic_samples(200, source, 80_000), sequence=3)
-    verdict = trained.evaluate_delta(healthy)
-    assert verdict.approve, verdict.reason
-    trained.commit(healthy, verdict, version=11)
-    assert not trained.degraded and trained.version == 11
+    trained.commit(poisoned, trained.evaluate_delta(poisoned), version=8)
+    assert trained.degraded and trained.rollbacks == 1
+    verdicts = []
+    for i, sequence in enumerate((3, 4, 5)):
+        healthy = next_delta(trained, synthetic_samples(100, source, 80_000 + 1000 * i), sequence=sequence)
+        verdicts.append(trained.evaluate_delta(healthy))
+        trained.commit(healthy, verdicts[-1], version=10 + i)
+    assert [v.approve for v in verdicts] == [False, False, True], [v.reason for v in verdicts]
+    assert verdicts[0].recovering and "1 of 3 healthy" in verdicts[0].reason and not verdicts[0].degraded
+    assert not trained.degraded and trained.version == 12 and trained.shadow.shard_sequences[0] == 5
+
+
+def test_one_rollback_per_episode_even_when_healthy_and_poisoned_candidates_alternate(trained, source):
+    bias = trained.shadow.model.state_dict()["bias"].numpy()
+    for i in range(3):
+        poisoned = train_delta(trained.shadow, flipped(synthetic_samples(400, source, 70_000 + i)), steps=40)
+        poisoned = dataclasses.replace(poisoned, sequence=2 + i)
+        verdict = trained.evaluate_delta(poisoned)
+        assert not verdict.approve and verdict.degraded
+        trained.commit(poisoned, verdict, version=20 + 2 * i)
+        dense = Delta(
+            "fm", "", -1, 1 + i, 0, 0, np.zeros(0, np.int64), np.zeros((0, 9), np.float32), {"bias": bias}
+        )
+        verdict = trained.evaluate_delta(dense)
+        assert verdict.recovering and not verdict.approve
+        trained.commit(dense, verdict, version=21 + 2 * i)
+    assert trained.rollbacks == 1 and trained.version == 7
+
+
+def test_one_healthy_candidate_ends_the_episode_when_recovery_needs_one(source, clock):
+    gate = make_gate(clock, recover_candidates=1)
+    replica = Replica(ModelConfig())
+    replica.apply(train_delta(replica, synthetic_samples(1000, source)))
+    gate.reset(replica, 7)
+    fill_window(gate, source)
+    poisoned = train_delta(gate.shadow, flipped(synthetic_samples(400, source, 70_000)), steps=40, sequence=2)
+    gate.commit(poisoned, gate.evaluate_delta(poisoned), version=8)
+    healthy = next_delta(gate, synthetic_samples(100, source, 80_000), sequence=3)
+    assert gate.evaluate_delta(healthy).approve
+
+
+def test_a_quiet_shadow_is_promoted_once_the_interval_passed(trained, source, clock):
+    delta = next_delta(trained, synthetic_samples(200, source, 50_000))
+    trained.commit(delta, trained.evaluate_delta(delta), version=9)
+    assert not trained.maybe_promote() and trained.good_version == 7
+    clock.now += 11
+    assert trained.maybe_promote() and trained.good_version == 9
+    assert not trained.maybe_promote()  # nothing new since
 
 
 def test_log_loss_explosion_is_a_degradation_even_when_ranking_survives(trained):

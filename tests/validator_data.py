@@ -37,6 +37,13 @@ def synthetic_samples(n_requests: int, source: SyntheticSource | None = None, st
     )
 
 
+def sample_slice(samples: SampleArrays, start: int, stop: int) -> SampleArrays:
+    """Samples ``start:stop`` of a batch (their fids are the matching run of ``fids``)."""
+    offsets = np.concatenate([[0], np.cumsum(samples.lengths)])
+    fields = {k: v[start:stop] for k, v in samples.__dict__.items() if k != "fids"}
+    return SampleArrays(fids=samples.fids[offsets[start] : offsets[min(stop, len(samples))]], **fields)
+
+
 def flipped(samples: SampleArrays) -> SampleArrays:
     """The same samples with every click label flipped (a poisoned burst)."""
     labels = 1.0 - samples.labels

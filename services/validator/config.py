@@ -51,6 +51,11 @@ class ValidatorConfig:
         "degraded: log loss on the window above the last good version's times this (0: no log-loss rule)",
         1.5,
     )
+    recover_candidates: int = env_field(
+        "FRESHET_VALIDATOR_RECOVER",
+        "after a degradation, healthy candidates in a row needed before approving again (the last of them is approved)",
+        3,
+    )
     good_interval_s: float = env_field(
         "FRESHET_VALIDATOR_GOOD_INTERVAL_S", "seconds between promotions of the shadow to last good version", 5.0
     )
@@ -82,10 +87,10 @@ class ValidatorConfig:
     torch_threads: int = env_field("FRESHET_TORCH_THREADS", "torch intra-op threads for scoring (0: all)", 1)
 
     def __post_init__(self) -> None:
-        if self.window <= 0 or self.check_samples <= 0 or self.min_class <= 0 or self.long_run_samples <= 0:
+        sizes = (self.window, self.check_samples, self.min_class, self.long_run_samples, self.recover_candidates)
+        if min(sizes) <= 0:
             raise ValueError(
-                "FRESHET_VALIDATOR_WINDOW, _CHECK_SAMPLES, _MIN_CLASS and _LONG_RUN must be positive, got "
-                f"{self.window}, {self.check_samples}, {self.min_class}, {self.long_run_samples}"
+                f"FRESHET_VALIDATOR_WINDOW, _CHECK_SAMPLES, _MIN_CLASS, _LONG_RUN and _RECOVER must be positive, got {sizes}"
             )
         if not 0 < self.max_auc_drop < 1:
             raise ValueError(f"FRESHET_VALIDATOR_MAX_AUC_DROP must be in (0, 1), got {self.max_auc_drop}")

@@ -312,6 +312,8 @@ class Verdict:
     metrics: dict[str, float] = field(default_factory=dict)
     degraded: bool = False  # a quality or norm failure, not merely a malformed candidate
     rollback_version: int | None = None  # first failure of an episode: roll back to this version
+    generation: int = -1  # the reference window's generation it was scored on
+    recovering: bool = False  # healthy, but held back until enough healthy candidates in a row
 
 
 class Gate:
@@ -330,7 +332,8 @@ class Gate:
         self.window = ReferenceWindow(config)
         self.shadow = Replica(model_config)
         self.version = 0
-        self.degraded = False
+        self.degraded = False  # in a degradation episode: from the first failure until candidates recover
+        self.healthy_streak = 0  # healthy candidates in a row within the episode
         self.rollbacks = 0
         self.reset(self.shadow, 0)
 
@@ -453,9 +456,17 @@ class Gate:
         return None
 
     def _verdict(self, reason: str | None, degraded: bool, metrics: dict[str, float]) -> Verdict:
-        verdict = Verdict(reason is None, reason or "", metrics, degraded)
+        verdict = Verdict(reason is None, reason or "", metrics, degraded, generation=self.window.generation)
         if degraded and not self.degraded:
             verdict.rollback_version = self.good_version
+        need = self.config.recover_candidates
+        if verdict.approve and self.degraded and self.healthy_streak + 1 < need:
+            # One healthy candidate between poisoned ones (say, a dense delta barely moved by the burst)
+            # does not end the episode: approving it would make predictors flap between versions.
+            streak = self.healthy_streak + 1
+            metrics["healthy_streak"] = float(streak)
+            verdict.approve, verdict.recovering = False, True
+            verdict.reason = f"recovering from a degradation: {streak} of {need} healthy candidates in a row"
         return verdict
 
     def commit(self, delta: Delta, verdict: Verdict, version: int) -> None:
@@ -466,14 +477,15 @@ class Gate:
             self.version = version
             if self.degraded:
                 logger.info("candidates healthy again: approving", extra={"version": version})
-            self.degraded = False
-            auc_now = verdict.metrics.get("auc")
-            if "auc" in verdict.metrics and self.window.scoreable:
-                self._shadow_scores = (
-                    (self.window.generation, version),
-                    Scores(auc_now, verdict.metrics["log_loss"], True),
-                )
-            self._maybe_promote(auc_now)
+            self.degraded, self.healthy_streak = False, 0
+            if "auc" in verdict.metrics and verdict.generation == self.window.generation:
+                # The candidate's scores are now the shadow's: no need to score it again.
+                scores = Scores(verdict.metrics["auc"], verdict.metrics["log_loss"], True)
+                self._shadow_scores = ((self.window.generation, version), scores)
+            self.maybe_promote()
+            return
+        if verdict.recovering:
+            self.healthy_streak += 1
             return
         if verdict.rollback_version is not None:
             self.rollbacks += 1
@@ -482,13 +494,23 @@ class Gate:
             self._shadow_scores = None
         if verdict.degraded:
             self.degraded = True
+            self.healthy_streak = 0
 
-    def _maybe_promote(self, auc_now: float | None) -> None:
+    def maybe_promote(self) -> bool:
+        """Makes the shadow the last good version when it moved on, candidates are healthy and
+        ``good_interval_s`` passed since the last promotion; returns whether it did.
+
+        Called after each approval and periodically, so a quiet stream still gets its last good version.
+        """
+        if self.degraded or self.version == self.good_version:
+            return False
         if self.clock() - self.good_at < self.config.good_interval_s:
-            return
-        good = self.good_scores().auc if self.window.scoreable else None
-        # Promotion needs the shadow within half the allowed drop, so slow drift cannot ratchet the
-        # yardstick down by the full allowance every interval.
-        if auc_now is not None and good is not None and auc_now < good - self.config.max_auc_drop / 2:
-            return
+            return False
+        if self.window.scoreable:
+            now, good = self.shadow_scores().auc, self.good_scores().auc
+            # Promotion needs the shadow within half the allowed drop, so slow drift cannot ratchet the
+            # yardstick down by the full allowance every interval.
+            if now is not None and good is not None and now < good - self.config.max_auc_drop / 2:
+                return False
         self._promote()
+        return True

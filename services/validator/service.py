@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -64,14 +66,16 @@ class ValidatorService(NatsMixin, Service):
 
     name = "validator"
 
-    def __init__(self, config: ValidatorConfig, bus_config: BusConfig) -> None:
+    def __init__(
+        self, config: ValidatorConfig, bus_config: BusConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
         self.config = config
         self.bus_config = bus_config
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
         self.model_config: ModelConfig = model_from_setting(config.model_config)
-        self.gate = Gate(self.model_config, config)
+        self.gate = Gate(self.model_config, config, clock)
         self.approved = 0
         self.rejected = 0
         self.rollbacks = 0
@@ -142,7 +146,7 @@ class ValidatorService(NatsMixin, Service):
         """
         stack: list[tuple[int, int]] = []  # (decision seq, delta stream seq)
         pending_rollback: tuple[int, model_pb2.Approval] | None = None
-        degraded = False
+        degraded, streak = False, 0
         for seq, approval in await self._decisions():
             if approval.decision == ROLLBACK:
                 while stack and stack[-1][0] > approval.rollback_version:
@@ -158,11 +162,20 @@ class ValidatorService(NatsMixin, Service):
             self.last_sequence[approval.shard] = max(self.last_sequence.get(approval.shard, 0), approval.sequence)
             if approval.decision == APPROVE:
                 stack.append((seq, approval.delta_stream_seq))
-                degraded = False
+                degraded, streak = False, 0
             elif approval.metrics.get("degraded"):
-                degraded = True
+                degraded, streak = True, 0
                 if "rollback_version" in approval.metrics:
                     pending_rollback = (seq, approval)
+            elif "healthy_streak" in approval.metrics:
+                streak = int(approval.metrics["healthy_streak"])
+        if pending_rollback is not None:
+            # A crash fell between a degradation's REJECT and its ROLLBACK: publish the ROLLBACK now.
+            _, reject = pending_rollback
+            version = int(reject.metrics["rollback_version"])
+            await self._publish_rollback(version, reject.reason, dict(reject.metrics), reject.delta_stream_seq)
+            while stack and stack[-1][0] > version:
+                stack.pop()
         shadow = Replica(self.model_config)
         for _, stream_seq in stack:
             try:
@@ -175,36 +188,12 @@ class ValidatorService(NatsMixin, Service):
                     extra={"stream_seq": stream_seq, "error": str(exc)},
                 )
         self.gate.reset(shadow, stack[-1][0] if stack else 0)
-        self.gate.degraded = degraded
+        self.gate.degraded, self.gate.healthy_streak = degraded, streak
         if stack or self.decided_snapshots:
             logger.info(
                 "shadow rebuilt from the decision stream",
                 extra={"version": self.gate.version, "deltas": len(stack), "missing": self.rebuild_missing},
             )
-        if pending_rollback is not None:
-            # A crash fell between a degradation's REJECT and its ROLLBACK: publish the ROLLBACK now.
-            _, reject = pending_rollback
-            version = int(reject.metrics["rollback_version"])
-            await self._publish_rollback(version, reject.reason, dict(reject.metrics), reject.delta_stream_seq)
-            self.gate.reset(await self._replica_at(version), version)
-            self.gate.degraded = True
-
-    async def _replica_at(self, version: int) -> Replica:
-        """The approved state at ``version``, replayed from the decision stream."""
-        stack: list[tuple[int, int]] = []
-        for seq, approval in await self._decisions():
-            if seq > version:
-                break
-            if approval.decision == ROLLBACK:
-                while stack and stack[-1][0] > approval.rollback_version:
-                    stack.pop()
-            elif approval.decision == APPROVE and not approval.snapshot:
-                stack.append((seq, approval.delta_stream_seq))
-        replica = Replica(self.model_config)
-        for _, stream_seq in stack:
-            raw = await self.js.get_msg(bus.MODEL.name, seq=stream_seq, direct=True)
-            replica.apply(decode_delta(raw.data))
-        return replica
 
     # -- samples ---------------------------------------------------------------------------------
 
@@ -224,6 +213,7 @@ class ValidatorService(NatsMixin, Service):
                 pass
             if not self.stopping.is_set():
                 self.gate.refresh_window()
+                self.gate.maybe_promote()
 
     # -- candidates ------------------------------------------------------------------------------
 
@@ -348,8 +338,7 @@ class ValidatorService(NatsMixin, Service):
                     stream_seq,
                 )
             if delta is not None:
-                if verdict.approve or verdict.degraded:
-                    self.gate.commit(delta, verdict, version)
+                self.gate.commit(delta, verdict, version)
                 self.last_sequence[delta.shard] = max(self.last_sequence.get(delta.shard, 0), delta.sequence)
                 self.latencies_ms.append(approval.decided_ms - delta.created_ms)
             self.decided_seq = stream_seq
