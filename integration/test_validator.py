@@ -224,3 +224,33 @@ async def test_a_rollback_names_the_latest_snapshot_approved_at_or_before_the_go
     rollback = found[4][1]
     assert rollback.decision == ROLLBACK and rollback.rollback_version == found[2][0]
     assert rollback.snapshot == manifest.id
+
+
+async def test_a_restarted_validator_boots_its_shadow_from_the_latest_approved_snapshot(js, nats_url, source):
+    config, bus_config = ValidatorConfig(**SETTINGS), BusConfig(nats_url=nats_url)
+    shadow = Replica(ModelConfig())
+    first = train_delta(shadow, synthetic_samples(300, source), sequence=1)
+    shadow.apply(first)
+    second = train_delta(shadow, synthetic_samples(100, source, 10_000), sequence=2)
+    # The snapshot's rows differ from the first delta's, so the rebuilt shadow shows which one it loaded.
+    snapshot_rows = dataclasses.replace(first, sequence=0, values=first.values + 1.0)
+    async with ValidatorService(config, bus_config):
+        seq = await publish_delta(js, first)
+        await decided(js, 1)
+        manifest = model_pb2.SnapshotManifest(model="fm", delta_stream_seq=seq, reason="test")
+        manifest.shards.add(shard=0, sequence=1)
+        manifest = await snapshots.write_snapshot(js, manifest, [snapshot_rows])
+        await bus.publish(js, snapshots.candidate_subject("fm"), manifest.SerializeToString())
+        await decided(js, 2)
+        await publish_delta(js, second)
+        found = await decided(js, 3)
+    assert [a.decision for _, a in found] == [APPROVE, APPROVE, APPROVE], [a.reason for _, a in found]
+    async with ValidatorService(config, bus_config) as restarted:
+        assert restarted.gate.shadow.snapshot == manifest.id
+        assert restarted.gate.version == found[2][0] == restarted.gate.good_version
+        only_first = np.setdiff1d(first.fids, second.fids)
+        assert len(only_first)
+        expected = snapshot_rows.values[np.searchsorted(first.fids, only_first)]
+        np.testing.assert_array_equal(restarted.gate.shadow.tables["fm"].lookup(only_first), expected)
+        np.testing.assert_array_equal(restarted.gate.shadow.tables["fm"].lookup(second.fids), second.values)
+        assert restarted.approved_snapshots == [(found[1][0], manifest.id)]

@@ -84,6 +84,12 @@ class ValidatorConfig:
     long_run_samples: int = env_field(
         "FRESHET_VALIDATOR_LONG_RUN", "half-life, in admitted samples, of the long-run label rate", 50_000
     )
+    rebuild_timeout_s: float = env_field(
+        "FRESHET_VALIDATOR_REBUILD_TIMEOUT_S",
+        "on start, how long booting the shadow from the latest approved snapshot may take before the "
+        "decision stream is replayed from its start instead",
+        30.0,
+    )
     torch_threads: int = env_field("FRESHET_TORCH_THREADS", "torch intra-op threads for scoring (0: all)", 1)
 
     def __post_init__(self) -> None:

@@ -474,7 +474,7 @@ class Gate:
         degradation of an episode resets the shadow to the last good copy (the ROLLBACK was published)."""
         if verdict.approve:
             self.shadow.apply(delta)
-            self.version = version
+            self.version = self.shadow.version = version
             if self.degraded:
                 logger.info("candidates healthy again: approving", extra={"version": version})
             self.degraded, self.healthy_streak = False, 0

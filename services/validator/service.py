@@ -32,6 +32,7 @@ from freshet import bus, snapshots, telemetry
 from freshet.batches import decode_samples
 from freshet.config import BusConfig
 from freshet.delta import Delta, DeltaError, decision_subject, decode_delta
+from freshet.follower import Follower, FollowerSettings
 from freshet.model.v1 import model_pb2
 from freshet.models import ModelConfig, model_from_setting
 from freshet.replica import Replica
@@ -140,9 +141,10 @@ class ValidatorService(NatsMixin, Service):
     async def _rebuild(self) -> None:
         """Restores the shadow (approved deltas, honouring rollbacks), the per-shard positions and the snapshot log.
 
-        The approved state is a stack of delta approvals: a ROLLBACK to X pops every approval decided
-        after X, so replaying what is left reproduces what a predictor serves. The rebuilt shadow is
-        taken as the last good version; the reference window starts empty (samples from now on).
+        The shadow is booted like a predictor (``_boot_shadow``). Should that fail, it is replayed from
+        the stream: the approved state is a stack of delta approvals, a ROLLBACK to X pops every
+        approval decided after X, and what is left is applied in order. The rebuilt shadow is taken as
+        the last good version; the reference window starts empty (samples from now on).
         """
         stack: list[tuple[int, int]] = []  # (decision seq, delta stream seq)
         pending_rollback: tuple[int, model_pb2.Approval] | None = None
@@ -176,6 +178,49 @@ class ValidatorService(NatsMixin, Service):
             await self._publish_rollback(version, reject.reason, dict(reject.metrics), reject.delta_stream_seq)
             while stack and stack[-1][0] > version:
                 stack.pop()
+        booted = await self._boot_shadow()
+        if booted is None:
+            booted = await self._replay_shadow(stack)
+        self.gate.reset(*booted)
+        self.gate.degraded, self.gate.healthy_streak = degraded, streak
+        if stack or self.decided_snapshots:
+            logger.info(
+                "shadow rebuilt from the decision stream",
+                extra={
+                    "version": self.gate.version,
+                    "snapshot": self.gate.shadow.snapshot,
+                    "deltas": len(stack),
+                    "missing": self.rebuild_missing,
+                },
+            )
+
+    async def _boot_shadow(self) -> tuple[Replica, int] | None:
+        """The approved state as a predictor booting now would serve it (``freshet.follower``: the latest
+        approved snapshot plus the approved deltas after it, rollbacks honoured); None when it cannot
+        be had within ``rebuild_timeout_s`` (say, a gap whose repair needs a snapshot that only this
+        validator could approve)."""
+        stop = asyncio.Event()
+        follower = Follower(
+            self.nc,
+            self.js,
+            self.config.model,
+            lambda: Replica(self.model_config),
+            FollowerSettings(request_timeout_s=5.0, approval_wait_s=5.0),
+            name="validator-shadow",
+        )
+        task = asyncio.create_task(follower.run(stop))
+        try:
+            await asyncio.wait_for(asyncio.shield(follower.ready.wait()), self.config.rebuild_timeout_s)
+        except TimeoutError:
+            logger.error("shadow boot from snapshot + decisions timed out; replaying decisions instead")
+            return None
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+        return follower.replica, follower.version
+
+    async def _replay_shadow(self, stack: list[tuple[int, int]]) -> tuple[Replica, int]:
+        """The approved state replayed from the stream's approved deltas (``stack``: those rollbacks left)."""
         shadow = Replica(self.model_config)
         for _, stream_seq in stack:
             try:
@@ -187,13 +232,7 @@ class ValidatorService(NatsMixin, Service):
                     "approved delta cannot be replayed into the shadow",
                     extra={"stream_seq": stream_seq, "error": str(exc)},
                 )
-        self.gate.reset(shadow, stack[-1][0] if stack else 0)
-        self.gate.degraded, self.gate.healthy_streak = degraded, streak
-        if stack or self.decided_snapshots:
-            logger.info(
-                "shadow rebuilt from the decision stream",
-                extra={"version": self.gate.version, "deltas": len(stack), "missing": self.rebuild_missing},
-            )
+        return shadow, stack[-1][0] if stack else 0
 
     # -- samples ---------------------------------------------------------------------------------
 
