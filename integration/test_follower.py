@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
 import numpy as np
 import pytest
 
@@ -192,3 +193,20 @@ async def test_a_rollback_to_a_snapshot_that_is_gone_keeps_the_state_and_says_so
     rollback = await log.rollback(v1, "000000000000001-000000")
     await follower.wait_position(rollback)
     assert follower.version == v1 and follower.stats.failed_rollbacks == 1 and follower.stats.rollbacks == 0
+
+
+async def test_a_nats_timeout_while_fetching_an_approved_delta_is_retried_not_a_gap(running, log):
+    follower = await running.start()
+    await asyncio.wait_for(follower.ready.wait(), 10)
+    get_msg, failures = follower.js.get_msg, []
+
+    async def flaky_get_msg(*args, **kwargs):
+        if not failures:
+            failures.append(kwargs.get("seq"))
+            raise nats.errors.TimeoutError
+        return await get_msg(*args, **kwargs)
+
+    follower.js.get_msg = flaky_get_msg
+    v1 = await log.approved_delta()
+    await follower.wait_version(v1)
+    assert len(failures) == 1 and follower.stats.gaps == 0 and _holds(follower, log.served)

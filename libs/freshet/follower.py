@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -118,6 +119,10 @@ def position_of(manifest: model_pb2.SnapshotManifest, shard: int) -> int:
     if shard == DENSE_SHARD:
         return manifest.dense_sequence
     return next((p.sequence for p in manifest.shards if p.shard == shard), 0)
+
+
+# Errors of a NATS round trip that a retry can cure (a timeout covers nats.errors.TimeoutError).
+_TRANSIENT = (TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)
 
 
 class _Stopped(Exception):
@@ -249,7 +254,10 @@ class Follower:
         replica = self.replica
         if approval is not None:
             try:
-                replica = await self._step(replica, seq, approval, live=True)
+                # A NATS hiccup while fetching is retried: nothing is applied before the fetch succeeds.
+                async for attempt in self._retrying(_TRANSIENT):
+                    with attempt:
+                        replica = await self._step(self.replica, seq, approval, live=True)
             except Gap as gap:
                 self._count_gap(gap)
                 replica = await self._rebuild(seq, need=gap, reason=f"gap: {gap}")
@@ -406,15 +414,7 @@ class Follower:
         Retries (tenacity, until stopped) when no covering snapshot can be had yet, or when the
         replay finds another gap.
         """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type((snapshots.SnapshotError, Gap)),
-            wait=wait_exponential(multiplier=0.1, max=self.settings.retry_max_s),
-            stop=self._stopped,
-            sleep=self._sleep,
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in self._retrying((snapshots.SnapshotError, Gap, *_TRANSIENT)):
             with attempt:
                 source = await self._latest_approved()
                 if need is not None and (source is None or not covers(source.manifest, need.shard, need.missing)):
@@ -426,6 +426,17 @@ class Follower:
                     need = gap
                     raise
         raise _Stopped
+
+    def _retrying(self, errors: tuple[type[BaseException], ...]) -> AsyncRetrying:
+        """Retries on ``errors`` with exponential pauses up to ``retry_max_s``, until the follower stops."""
+        return AsyncRetrying(
+            retry=retry_if_exception_type(errors),
+            wait=wait_exponential(multiplier=0.1, max=self.settings.retry_max_s),
+            stop=self._stopped,
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
 
     def _stopped(self, retry_state: RetryCallState) -> bool:
         if self._stop.is_set():
@@ -441,7 +452,7 @@ class Follower:
 
     def _log_retry(self, retry_state: RetryCallState) -> None:
         logger.warning(
-            "replica rebuild failed; retrying",
+            "follower step failed; retrying",
             extra={
                 "follower": self.name,
                 "model": self.model,
