@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -252,3 +253,20 @@ async def test_a_request_over_the_byte_limit_is_resource_exhausted_before_the_ca
         assert "4096" in details
         scores, _ = await client.predict(MODEL, USER, np.arange(400))  # 3.2 kB: within the limit
         assert scores.shape == (400,)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("fp16", 2e-3), ("int8", 2e-2)])
+async def test_a_quantised_replica_serves_the_same_versions_within_its_precision(nats_url, js, dtype, atol):
+    log = ModelLog(js)
+    await log.approved_delta(shard=DENSE_SHARD, bias=0.3)
+    last = await log.approved_delta()
+    async with (
+        _predictor(nats_url, replica_dtype=dtype) as predictor,
+        PredictorClient(predictor.address) as client,
+    ):
+        await predictor.follower.wait_version(last)
+        scores, version = await client.predict(MODEL, USER, ITEMS)
+        assert version == last
+        assert predictor.replica.tables["fm"]._slab.dtype == {"fp16": np.float16, "int8": np.int8}[dtype]
+        np.testing.assert_allclose(scores, log.versions[last].scores(), atol=atol)
+        assert predictor.replica.equal_rows("fm", *log.served.arrays())  # bit-exact after its own rounding
