@@ -69,8 +69,8 @@ class ValidatorConfig:
     )
     freeze_rate_rel: float = env_field(
         "FRESHET_VALIDATOR_FREEZE_RATE_REL",
-        "freeze the window when new samples' label rate departs from the long-run rate by more than this "
-        "fraction of it (and by FRESHET_VALIDATOR_FREEZE_Z standard errors)",
+        "freeze the window when new samples' label rate departs from the long-run rate r by more than this "
+        "fraction of min(r, 1 - r) (and by FRESHET_VALIDATOR_FREEZE_Z standard errors)",
         0.5,
     )
     freeze_z: float = env_field(
