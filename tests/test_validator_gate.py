@@ -299,3 +299,9 @@ def test_label_updates_are_left_out_of_the_window(source):
     examples = Examples.of_samples(SampleArrays(**{**samples.__dict__, "versions": versions}))
     assert len(examples) == 25 and int(examples.lengths.sum()) == len(examples.fids)
     np.testing.assert_array_equal(examples.labels, samples.labels[1::2])
+
+
+@pytest.mark.parametrize("setting", [{"window": 0}, {"recover_candidates": 0}, {"max_auc_drop": 1.5}])
+def test_config_refuses_settings_that_cannot_work(setting):
+    with pytest.raises(ValueError, match="FRESHET_VALIDATOR_"):
+        ValidatorConfig(**setting)

@@ -91,6 +91,7 @@ class ValidatorService(NatsMixin, Service):
         self.decided_snapshots: set[str] = set()
         self.approved_snapshots: list[tuple[int, str]] = []  # (decision stream seq, snapshot id)
         self._restart_seq = 0
+        self._deciding = False  # a candidate is between its verdict and its commit
         model = config.model
         self.spec = MultiSubjectSpec(
             stream=bus.MODEL.name,
@@ -252,7 +253,10 @@ class ValidatorService(NatsMixin, Service):
                 pass
             if not self.stopping.is_set():
                 self.gate.refresh_window()
-                self.gate.maybe_promote()
+                if not self._deciding:
+                    # Between a verdict and its commit the ROLLBACK names the last good version of the
+                    # verdict; promoting in between would reset the shadow to another one.
+                    self.gate.maybe_promote()
 
     # -- candidates ------------------------------------------------------------------------------
 
@@ -290,6 +294,7 @@ class ValidatorService(NatsMixin, Service):
                     pass  # gone with a drained connection or a deleted consumer
 
     async def _handle(self, msg: Msg) -> None:
+        self._deciding = True
         try:
             if msg.subject == snapshots.candidate_subject(self.config.model):
                 await self._on_snapshot(msg)
@@ -304,6 +309,8 @@ class ValidatorService(NatsMixin, Service):
             )
             self._restart_seq = msg.metadata.sequence.stream
             raise _Restart from exc
+        finally:
+            self._deciding = False
         await msg.ack()
 
     async def _publish(self, approval: model_pb2.Approval, msg_id: str) -> int:
