@@ -64,7 +64,9 @@ Crash safety
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -190,6 +192,15 @@ def _with_action(record: WindowRecord, action: ActionEvent) -> WindowRecord:
     )
 
 
+# frozenset of joined types, plus one more type -> the union (saves building a set per joined action)
+_WITH_TYPE = {
+    (frozenset(types), added): frozenset(types) | {added}
+    for n in range(len(ActionType) + 1)
+    for types in itertools.combinations(ActionType, n)
+    for added in ActionType
+}
+
+
 def _with_version(record: WindowRecord, version: int) -> WindowRecord:
     return WindowRecord(record.impression, record.close_ms, record.labels, record.types, version, record.closed)
 
@@ -235,6 +246,73 @@ class EventJoin:
     def watermark_ms(self) -> int | None:
         """The current watermark (None before the first event)."""
         return self._watermark_ms
+
+    def on_events(self, events: Iterable[ImpressionEvent | ActionEvent]) -> list[JoinedSample]:
+        """``on_impression`` / ``on_action`` for each event in order; their samples, concatenated.
+
+        Gives the same samples in the same order, counters and state as the calls one by one, in less
+        time: the common cases (an impression of a new key; an action of a new type inside an open window)
+        are handled inline, every other event by ``on_impression`` / ``on_action``.
+        """
+        out: list[JoinedSample] = []
+        state = self.state
+        get_window, put_window, get_buffer = state.get_window, state.put_window, state.get_buffer
+        schedule, next_due = state.schedule, state.next_due_ms
+        window_ms, lateness_ms = self.config.window_ms, self.config.allowed_lateness_ms
+        impressions = actions = positives = updates = 0
+        for ev in events:
+            t = ev.event_time_ms
+            wm = self._watermark_ms
+            key = (ev.request_id, ev.item_id)
+            if type(ev) is ImpressionEvent:
+                close = t + window_ms
+                if get_window(key) is not None or (wm is not None and close <= wm) or get_buffer(key):
+                    out += self.on_impression(ev)
+                    continue
+                impressions += 1
+                put_window(key, WindowRecord(ev, close))
+                schedule(close, TimerKind.CLOSE, key)
+            else:
+                record = get_window(key)
+                if (
+                    record is None
+                    or record.closed
+                    or not record.impression.event_time_ms <= t < record.close_ms
+                    or ev.type in record.types
+                ):
+                    out += self.on_action(ev)
+                    continue
+                actions += 1
+                labels = list(record.labels)
+                labels[ev.type - 1] = float(ev.value) if ev.type == ActionType.DWELL else 1.0
+                version = record.version + 1
+                imp = record.impression
+                joined = WindowRecord(
+                    imp, record.close_ms, tuple(labels), _WITH_TYPE[record.types, ev.type], version, False
+                )
+                if version == 1:
+                    positives += 1
+                else:
+                    updates += 1
+                out.append(
+                    JoinedSample(f"{key[0]}:{key[1]}:v{version}", key, joined.labels, version, 1.0, False, imp)
+                )
+                put_window(key, joined)
+            # _observe, inline
+            if self._max_event_ms is None or t > self._max_event_ms:
+                self._max_event_ms = t
+            if wm is None or t - lateness_ms > wm:
+                self._watermark_ms = wm = t - lateness_ms
+            due = next_due()
+            if due is not None and due <= wm:
+                self._fire(out)
+        counters = self.counters
+        counters["impressions"] += impressions
+        counters["actions"] += actions
+        counters["positives"] += positives
+        counters["updates"] += updates
+        self._arrivals += impressions + actions
+        return out
 
     def on_impression(self, ev: ImpressionEvent) -> list[JoinedSample]:
         """Handle an impression; returns its samples (positives from buffered actions) and fired windows."""
@@ -367,39 +445,39 @@ class EventJoin:
         wm = self._watermark_ms
         if wm is None:
             return
+        state, counters = self.state, self.counters
         # Closing a window schedules its FORGET timer, which may already be due: loop until nothing is.
-        while due := self.state.pop_due(wm):
-            for timer in due:
-                if timer.kind == TimerKind.CLOSE:
-                    self._close(timer.key, wm, out)
-                elif timer.kind == TimerKind.FORGET:
+        while due := state.pop_due_entries(wm):
+            for _, kind, item, request in due:
+                key = (request, item)
+                if kind == TimerKind.CLOSE:
+                    self._close(key, wm, out)
+                elif kind == TimerKind.FORGET:
                     # Scheduled once, when the window closed; a closed window never reopens, so the
                     # record is still the closed one (no need to read it).
-                    self.state.delete_window(timer.key)
-                    self.counters["forgotten_keys"] += 1
+                    state.delete_window(key)
+                    counters["forgotten_keys"] += 1
                 else:
-                    buffered = self.state.get_buffer(timer.key)
+                    buffered = state.get_buffer(key)
                     waiting = tuple(a for a in buffered if a.event_time_ms + self.config.window_ms > wm)
-                    self.counters["orphan_actions"] += len(buffered) - len(waiting)
-                    self.state.put_buffer(timer.key, waiting)
+                    counters["orphan_actions"] += len(buffered) - len(waiting)
+                    state.put_buffer(key, waiting)
 
     def _close(self, key: Key, wm: int, out: list[JoinedSample]) -> None:
         record = self.state.get_window(key)
         if record is None or record.closed or record.close_ms > wm:
             return  # a stale timer
-        negative = record.version == 0
-        record = WindowRecord(
-            record.impression, record.close_ms, record.labels, record.types, record.version or 1, True
-        )
-        if negative:
+        imp, labels = record.impression, record.labels
+        if record.version == 0:
             rate = self.config.negative_rate
-            if negative_kept(key, rate, self.config.seed):
+            if rate >= 1.0 or negative_kept(key, rate, self.config.seed):
                 self.counters["negatives"] += 1
-                out.append(self._sample(record, 1.0 / rate, correction=False))
+                out.append(JoinedSample(f"{key[0]}:{key[1]}:v1", key, labels, 1, 1.0 / rate, False, imp))
             else:
                 self.counters["downsampled_negatives"] += 1
-        self.state.put_window(key, record)
-        self.state.add_timer(Timer(record.close_ms + self.config.retention_ms, TimerKind.FORGET, key))
+        closed = WindowRecord(imp, record.close_ms, labels, record.types, record.version or 1, True)
+        self.state.close_window(key, closed)
+        self.state.schedule(record.close_ms + self.config.retention_ms, TimerKind.FORGET, key)
 
     @staticmethod
     def _sample(record: WindowRecord, weight: float, *, correction: bool) -> JoinedSample:

@@ -12,7 +12,9 @@ The data model lives here too, because the RocksDB layout must be able to rebuil
 RocksDB layout (keys are bytes; ``K`` = item id as order-preserving 8-byte big-endian + request id UTF-8):
 
 - ``w/K`` -> window record (open window, or the tombstone of a closed one), packed binary (``_WINDOW``
-  header, then the context as length-prefixed UTF-8 pairs);
+  header, then the context as length-prefixed UTF-8 pairs). A window that closes is not written again:
+  a stored window whose close time is at or before the committed watermark reads as closed (``EventJoin``
+  closes every window its watermark reaches before it commits). Only a change of labels rewrites it;
 - ``b/K`` -> buffered actions of a key whose impression has not arrived, packed (``_ACTION`` each);
 - ``m/meta`` -> JSON watermark, maximum event time, next outbox sequence and counters;
 - ``o/<seq>`` -> an outbox entry: encoded output (a ``SampleBatch``) committed with the state that
@@ -20,7 +22,9 @@ RocksDB layout (keys are bytes; ``K`` = item id as order-preserving 8-byte big-e
 
 Every mutation between two ``commit()`` calls is held in an in-memory overlay that reads see at once
 (read-your-writes); ``commit()`` writes the overlay as ONE ``WriteBatch``, so after a crash the store is
-exactly as of the last commit. ``close()`` does not commit: what was not committed is lost, as in a crash.
+exactly as of the last commit. In memory, besides the overlay: a bounded cache of recently written
+windows, and the set of keys that have a window or buffered actions, so the key of a new impression (most
+reads) is known to be absent without a RocksDB read. ``close()`` does not commit: what was not committed is lost, as in a crash.
 Timers are not stored: they follow from the windows and buffers (a CLOSE timer per open window, a FORGET
 timer per closed one, an ORPHAN timer per buffered action's deadline), so both implementations keep them
 in a heap in process memory and ``EventJoin`` rebuilds them when it opens a state. They are ordered by
@@ -208,6 +212,12 @@ class JoinState(ABC):
     @abstractmethod
     def put_window(self, key: Key, record: WindowRecord) -> None: ...
 
+    def close_window(self, key: Key, record: WindowRecord) -> None:
+        """Replace key's open window by its closed form ``record`` (same labels and types, ``closed``, version
+        at least 1). Only for a window the watermark has reached: ``record.close_ms`` is at most the
+        watermark of the meta saved with the next commit, which lets a store derive the closed form."""
+        self.put_window(key, record)
+
     @abstractmethod
     def delete_window(self, key: Key) -> None: ...
 
@@ -234,14 +244,35 @@ class JoinState(ABC):
 
     def add_timer(self, timer: Timer) -> None:
         """Schedule timer (adding one that exists is a no-op)."""
-        entry = (timer.at_ms, timer.kind, timer.key[1], timer.key[0])
+        self.schedule(timer.at_ms, timer.kind, timer.key)
+
+    def schedule(self, at_ms: int, kind: str, key: Key) -> None:
+        """``add_timer(Timer(at_ms, kind, key))`` without building the Timer (the join schedules two per key)."""
+        entry = (at_ms, kind, key[1], key[0])
         if entry not in self._live:
             self._live.add(entry)
             heapq.heappush(self._heap, entry)
 
+    def next_due_ms(self) -> int | None:
+        """A lower bound of the earliest timer's due time (None: no timer); removed timers may still count."""
+        return self._heap[0][0] if self._heap else None
+
     def remove_timer(self, timer: Timer) -> None:
         """Unschedule timer (missing ones are ignored)."""
         self._live.discard((timer.at_ms, timer.kind, timer.key[1], timer.key[0]))
+
+    def pop_due_entries(self, up_to_ms: int) -> list[tuple[int, str, int, str]]:
+        """``pop_due`` as plain (at_ms, kind, item id, request id) tuples, in the same order."""
+        heap = self._heap
+        if not heap or heap[0][0] > up_to_ms:
+            return []
+        out, live, pop = [], self._live, heapq.heappop
+        while heap and heap[0][0] <= up_to_ms:
+            entry = pop(heap)
+            if entry in live:
+                live.remove(entry)
+                out.append(entry)
+        return out
 
     def pop_due(self, up_to_ms: int) -> list[Timer]:
         """Remove and return every timer with ``at_ms <= up_to_ms``, ordered by (at_ms, kind, key)."""
@@ -356,32 +387,45 @@ class RocksJoinState(JoinState):
     Args:
         path: the RocksDB directory (created if missing); reopening it restores the last commit.
         sync_writes: fsync the WAL on commit, so a commit also survives an OS crash or power loss.
+        cached_windows: decoded window records kept in memory (recently written first out).
     """
 
     def __init__(self, path: str, *, sync_writes: bool = False, cached_windows: int = 1 << 18) -> None:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         table = BlockBasedOptions()
-        table.set_bloom_filter(10, False)  # most reads look up keys that do not exist (new impressions)
+        table.set_bloom_filter(10, False)  # reads of keys that do not exist are cheap on disk
         opts.set_block_based_table_factory(table)
         self.path = path
         self._db: Rdict | None = Rdict(path, opts)
         self._write_opts = WriteOptions()
         self._write_opts.sync = sync_writes
         super().__init__()
+        # The overlay: window records by key (None: deleted), and the other entries by their RocksDB key.
+        self._pending_windows: dict[Key, WindowRecord | None] = {}
         self._pending: dict[bytes, object] = {}
         # Decoded window records as of recent commits (most windows are read again when they close):
         # saves a RocksDB read and a decode; bounded, oldest written first out.
-        self._recent: dict[bytes, WindowRecord] = {}
+        self._recent: dict[Key, WindowRecord] = {}
         self._cached_windows = cached_windows
-        # Keys that have buffered actions (few, short-lived): an impression of any other key needs no read.
-        self._buffered: set[bytes] = set()
-        it = self._db.iter()
-        it.seek(_B)
-        while it.valid() and it.key().startswith(_B):
-            self._buffered.add(it.key()[len(_B) :])
+        # Every key with a stored window: a new impression's key (the common case) needs no RocksDB read,
+        # which would search the memtable. Keys with buffered actions (few, short-lived) likewise.
+        self._keys: set[Key] = {decode_key(raw) for raw in self._stored_keys(_W)}
+        self._buffered: set[Key] = {decode_key(raw) for raw in self._stored_keys(_B)}
+        meta = self.load_meta()
+        # Windows are stored open and not written again when they close: a stored window whose close is
+        # at or before the committed watermark is closed (see ``close_window``).
+        self._closed_through: int | None = meta.watermark_ms if meta else None
+
+    def _stored_keys(self, prefix: bytes) -> list[bytes]:
+        it = self._open_db().iter()
+        it.seek(prefix)
+        keys = []
+        while it.valid() and (key := it.key()).startswith(prefix):
+            keys.append(key[len(prefix) :])
             it.next()
-        del it
+        del it  # an open iterator pins the DB
+        return keys
 
     def _read(self, key: bytes) -> bytes | object | None:
         if key in self._pending:
@@ -389,42 +433,61 @@ class RocksJoinState(JoinState):
         return self._open_db().get(key)
 
     def get_window(self, key: Key) -> WindowRecord | None:
-        db_key = _W + encode_key(key)
-        if db_key in self._pending:
-            return self._pending[db_key]
-        if (record := self._recent.get(db_key)) is not None:
+        if self._db is None:
+            self._open_db()  # raises: a closed state answers nothing, even from memory
+        record = self._pending_windows.get(key, _ABSENT)
+        if record is not _ABSENT:
             return record
-        value = self._open_db().get(db_key)
-        return None if value is None else _decode_window(value, key)
+        if (record := self._recent.get(key)) is not None:
+            return record
+        if key not in self._keys:
+            return None
+        value = self._open_db().get(_W + encode_key(key))
+        return None if value is None else _decode_window(value, key, self._closed_through)
 
     def put_window(self, key: Key, record: WindowRecord) -> None:
-        self._pending[_W + encode_key(key)] = record
+        self._pending_windows[key] = record
+        self._keys.add(key)
+
+    def close_window(self, key: Key, record: WindowRecord) -> None:
+        if key in self._pending_windows:
+            self._pending_windows[key] = record  # not written yet: written once, closed
+        else:
+            # Stored open: the next commit's watermark closes it on every read from RocksDB. Until that
+            # commit, and after it while cached, the cache answers.
+            self._recent.pop(key, None)
+            self._recent[key] = record
 
     def delete_window(self, key: Key) -> None:
-        self._pending[_W + encode_key(key)] = None
+        self._pending_windows[key] = None
+        self._keys.discard(key)
 
     def get_buffer(self, key: Key) -> tuple[ActionEvent, ...]:
-        raw_key = encode_key(key)
-        if raw_key not in self._buffered:
+        if key not in self._buffered:
             return ()
-        value = self._read(_B + raw_key)
+        value = self._read(_B + encode_key(key))
         return _decode_actions(value, key) if isinstance(value, bytes) else value or ()
 
     def put_buffer(self, key: Key, actions: tuple[ActionEvent, ...]) -> None:
-        raw_key = encode_key(key)
         if actions:
-            self._buffered.add(raw_key)
-        elif raw_key not in self._buffered:
+            self._buffered.add(key)
+        elif key not in self._buffered:
             return  # nothing stored to delete
-        self._pending[_B + raw_key] = tuple(actions) or None
+        self._pending[_B + encode_key(key)] = tuple(actions) or None
 
     def windows(self) -> Iterator[tuple[Key, int, bool]]:
-        for db_key, value in self._scan(_W):
+        entries: dict[Key, object] = {decode_key(k[len(_W) :]): v for k, v in self._scan(_W, overlay=False)}
+        entries.update(self._pending_windows)
+        through = self._closed_through
+        for key in sorted(entries, key=encode_key):
+            value = entries[key]
+            if isinstance(value, bytes) and (cached := self._recent.get(key)) is not None:
+                value = cached  # closed since the last commit, or the decoded stored record
             if isinstance(value, bytes):  # only the header: close time and the closed flag
                 fields = _WINDOW.unpack_from(value)
-                yield decode_key(db_key[len(_W) :]), fields[3], bool(fields[10])
+                yield key, fields[3], bool(fields[10]) or (through is not None and fields[3] <= through)
             elif value is not None:
-                yield value.impression.key, value.close_ms, value.closed
+                yield key, value.close_ms, value.closed
 
     def buffers(self) -> Iterator[tuple[Key, tuple[ActionEvent, ...]]]:
         for db_key, value in self._scan(_B):
@@ -433,9 +496,9 @@ class RocksJoinState(JoinState):
             if actions:
                 yield key, actions
 
-    def _scan(self, prefix: bytes) -> list[tuple[bytes, object]]:
+    def _scan(self, prefix: bytes, *, overlay: bool = True) -> list[tuple[bytes, object]]:
         """(key, value) of every stored key with prefix, the uncommitted overlay applied, in key order."""
-        entries = {key: value for key, value in self._pending.items() if key.startswith(prefix)}
+        entries = {key: value for key, value in self._pending.items() if key.startswith(prefix)} if overlay else {}
         it = self._open_db().iter()
         it.seek(prefix)
         while it.valid() and it.key().startswith(prefix):
@@ -464,28 +527,36 @@ class RocksJoinState(JoinState):
         db = self._open_db()
         batch = WriteBatch(raw_mode=True)
         recent = self._recent
-        for key, value in self._pending.items():
-            if type(value) is WindowRecord:  # the common case first
-                batch.put(key, _encode_window(value))
-                recent.pop(key, None)
-                recent[key] = value
-            elif value is None:
-                batch.delete(key)
-                if key.startswith(_W):
-                    recent.pop(key, None)
-                elif key.startswith(_B):
-                    self._buffered.discard(key[len(_B) :])
+        put, delete = batch.put, batch.delete
+        for key, record in self._pending_windows.items():
+            db_key = _W + encode_key(key)
+            recent.pop(key, None)
+            if record is None:
+                delete(db_key)
             else:
-                batch.put(key, _encode(key, value))
+                put(db_key, _encode_window(record))
+                recent[key] = record
+        for key, value in self._pending.items():
+            if value is None:
+                delete(key)
+                if key.startswith(_B):
+                    self._buffered.discard(decode_key(key[len(_B) :]))
+            else:
+                put(key, _encode(key, value))
         if len(batch):
             db.write(batch, self._write_opts)
+        meta = self._pending.get(_META)
+        if meta is not None:
+            self._closed_through = meta.watermark_ms
         for _ in range(len(recent) - self._cached_windows):
             del recent[next(iter(recent))]
+        self._pending_windows.clear()
         self._pending.clear()
 
     def close(self) -> None:
         if self._db is None:
             return
+        self._pending_windows.clear()
         self._pending.clear()
         self._recent.clear()
         self._db.close()
@@ -495,6 +566,9 @@ class RocksJoinState(JoinState):
         if self._db is None:
             raise RuntimeError(f"RocksJoinState {self.path} is closed")
         return self._db
+
+
+_ABSENT = object()
 
 
 _WINDOW = struct.Struct("<qiqq4dBIBH")  # user, position, event time, close, labels, types, version, closed, n ctx
@@ -542,8 +616,11 @@ def _encode_context(context: tuple[tuple[str, str], ...]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_window(raw: bytes, key: Key) -> WindowRecord:
+def _decode_window(raw: bytes, key: Key, closed_through: int | None) -> WindowRecord:
+    """The record stored for key; closed if it was stored closed or closes at or before ``closed_through``."""
     user, position, event_ms, close_ms, l0, l1, l2, l3, mask, version, closed, n_ctx = _WINDOW.unpack_from(raw)
+    if not closed and closed_through is not None and close_ms <= closed_through:
+        closed, version = True, version or 1  # what closing it did (see ``RocksJoinState.close_window``)
     offset, context = _WINDOW.size, []
     for _ in range(n_ctx):
         pair = []

@@ -178,45 +178,90 @@ def scenarios(draw) -> tuple[JoinConfig, list[tuple]]:
     return config, ops
 
 
-class Driver:
-    """Feeds ops to a join with a processing clock that moves only in gaps."""
+# How a driver hands events to the join: one call per event, or ``on_events`` with chunks of this size.
+PER_EVENT = 0
+CHUNKS = st.one_of(st.just(PER_EVENT), st.integers(1, 4), st.just(10**6))
 
-    def __init__(self, join: EventJoin, clock_ms: int = 0) -> None:
-        self.join, self.clock_ms = join, clock_ms
+
+class Driver:
+    """Feeds ops to a join with a processing clock that moves only in gaps.
+
+    ``chunk``: ``PER_EVENT`` calls ``on_impression`` / ``on_action``; n > 0 passes the events between
+    two gaps to ``on_events`` n at a time. ``commit``: commit after every call, as the service commits
+    after every fetched batch (windows then close in a later commit than the one that stored them open).
+    """
+
+    def __init__(self, join: EventJoin, clock_ms: int = 0, chunk: int = PER_EVENT, commit: bool = False) -> None:
+        self.join, self.clock_ms, self.chunk, self.commit = join, clock_ms, chunk, commit
 
     def feed(self, ops: list[tuple]) -> list[JoinedSample]:
         out: list[JoinedSample] = []
+        events: list = []
         for kind, x in ops:
-            if kind == "imp":
-                out += self.join.on_impression(x)
-            elif kind == "act":
-                out += self.join.on_action(x)
-            else:
+            if kind == "gap":
+                out += self._events(events)
+                events = []
                 out += self.join.advance(self.clock_ms)
                 self.clock_ms += x
                 out += self.join.advance(self.clock_ms)
+                self._commit()
+            elif self.chunk == PER_EVENT:
+                out += self.join.on_impression(x) if kind == "imp" else self.join.on_action(x)
+                self._commit()
+            else:
+                events.append(x)
+        return out + self._events(events)
+
+    def _events(self, events: list) -> list[JoinedSample]:
+        out: list[JoinedSample] = []
+        for i in range(0, len(events), self.chunk or 1):
+            out += self.join.on_events(events[i : i + self.chunk])
+            self._commit()
         return out
+
+    def _commit(self) -> None:
+        if self.commit:
+            self.join.commit()
 
     def flush(self) -> list[JoinedSample]:
         return self.feed([("gap", FLUSH_MS)])
 
 
-def run_uninterrupted(config: JoinConfig, ops: list[tuple]) -> tuple[list[JoinedSample], EventJoin]:
-    driver = Driver(EventJoin(config, MemoryJoinState()))
+def run_uninterrupted(
+    config: JoinConfig, ops: list[tuple], chunk: int = PER_EVENT
+) -> tuple[list[JoinedSample], EventJoin]:
+    driver = Driver(EventJoin(config, MemoryJoinState()), chunk=chunk)
     return driver.feed(ops) + driver.flush(), driver.join
 
 
 # ---------------------------------------------------------------------------------------------- properties
 
 
-@settings(max_examples=100, deadline=None)
-@given(scenarios())
-def test_join_in_memory_emits_exactly_the_reference_samples_and_counters(scenario):
+@settings(max_examples=150, deadline=None)
+@given(scenarios(), CHUNKS)
+def test_join_in_memory_emits_exactly_the_reference_samples_and_counters(scenario, chunk):
     config, ops = scenario
-    out, join = run_uninterrupted(config, ops)
+    out, join = run_uninterrupted(config, ops, chunk)
     expected, counters = reference(config, ops)
     assert Counter(out) == expected
     assert join.counters == counters
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(1, 5), st.booleans())
+def test_on_events_gives_the_samples_counters_and_state_of_one_call_per_event(scenario, chunk, rocks):
+    config, ops = scenario
+    with tempfile.TemporaryDirectory() as path:
+        runs = []
+        for size in (PER_EVENT, chunk):
+            state = RocksJoinState(f"{path}/{size}", cached_windows=2) if rocks else MemoryJoinState()
+            driver = Driver(EventJoin(config, state), chunk=size, commit=rocks)
+            out = driver.feed(ops)
+            windows = sorted(driver.join.state.windows())
+            out += driver.flush()
+            runs.append((out, driver.join.counters, driver.join.watermark_ms, windows))
+            state.close()
+    assert runs[0] == runs[1]  # the same samples in the same order, not only the same multiset
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -224,13 +269,14 @@ def test_join_in_memory_emits_exactly_the_reference_samples_and_counters(scenari
 def test_join_on_rocksdb_with_a_clean_restart_emits_exactly_the_reference_samples(scenario, data):
     config, ops = scenario
     cut = data.draw(st.integers(0, len(ops)))
+    chunk, cached = data.draw(CHUNKS), data.draw(st.sampled_from([0, 2, 1 << 18]))
     with tempfile.TemporaryDirectory() as path:
-        with RocksJoinState(path) as state:
-            driver = Driver(EventJoin(config, state))
+        with RocksJoinState(path, cached_windows=cached) as state:
+            driver = Driver(EventJoin(config, state), chunk=chunk, commit=True)
             out = driver.feed(ops[:cut])
             driver.join.commit()
-        with RocksJoinState(path) as state:
-            driver = Driver(EventJoin(config, state), driver.clock_ms)
+        with RocksJoinState(path, cached_windows=cached) as state:
+            driver = Driver(EventJoin(config, state), driver.clock_ms, chunk, commit=True)
             out += driver.feed(ops[cut:]) + driver.flush()
     expected, counters = reference(config, ops)
     assert Counter(out) == expected
@@ -247,14 +293,17 @@ def test_crash_after_commit_and_replay_gives_the_samples_of_an_uninterrupted_run
     handled = [op for op in ops[:committed] if op[0] != "gap"]
     redelivered = data.draw(st.lists(st.sampled_from(handled), max_size=5)) if handled else []
     expected, _ = run_uninterrupted(config, ops)
+    chunk, cached = data.draw(CHUNKS), data.draw(st.sampled_from([0, 2, 1 << 18]))
     with tempfile.TemporaryDirectory() as path:
-        with RocksJoinState(path) as state:
-            driver = Driver(EventJoin(config, state))
+        with RocksJoinState(path, cached_windows=cached) as state:
+            driver = Driver(EventJoin(config, state), chunk=chunk, commit=True)
             before = driver.feed(ops[:committed])
             driver.join.commit()
+            driver.commit = False
             lost = driver.feed(ops[committed:crashed])  # published, never committed
-        with RocksJoinState(path) as state:  # closing without commit drops the uncommitted work, as kill -9
-            driver = Driver(EventJoin(config, state), driver.clock_ms)
+        # Closing without commit drops the uncommitted work, as kill -9 does.
+        with RocksJoinState(path, cached_windows=cached) as state:
+            driver = Driver(EventJoin(config, state), driver.clock_ms, chunk)
             assert driver.feed(redelivered) == []
             after = driver.feed(ops[committed:]) + driver.flush()
     assert Counter(before + after) == Counter(expected)
