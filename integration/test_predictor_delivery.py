@@ -161,6 +161,7 @@ async def test_every_predict_while_deltas_stream_is_answered_by_one_whole_versio
             answers.append((version, scores))
 
     async with _predictor(nats_url) as predictor, PredictorClient(predictor.address) as client:
+        await asyncio.wait_for(predictor.follower.ready.wait(), 10)
         readers = [asyncio.create_task(reader(client)) for _ in range(4)]
         try:
             for k in range(12):
@@ -217,6 +218,9 @@ async def test_health_is_not_serving_until_the_boot_catch_up_is_done(nats_url, j
     async with _predictor(nats_url) as predictor:
         await assert_eventually(lambda: predictor.gaps == 1, message="gap found while booting")
         assert await _health(predictor.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        async with PredictorClient(predictor.address) as client:
+            code, details = await code_of(client.predict(MODEL, USER, ITEMS))
+            assert code == grpc.StatusCode.UNAVAILABLE and "catching up" in details
         nc = await bus.connect(BusConfig(nats_url=nats_url), "test-responder")
         try:
             await log.respond_to_snapshot_requests(nc)
@@ -226,6 +230,9 @@ async def test_health_is_not_serving_until_the_boot_catch_up_is_done(nats_url, j
 
             await assert_eventually(serving, timeout_s=15, message="serving after the resync")
             assert predictor.stats.snapshots_loaded == 1 and predictor.replica.shard_sequences[0] == 1
+            async with PredictorClient(predictor.address) as client:
+                _, version = await client.predict(MODEL, USER, ITEMS)
+            assert version == predictor.follower.version > 0
         finally:
             await nc.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ _ITEMS = np.array([42, 43, 44], np.int64)
 @pytest.fixture
 async def predictor(nats_url):
     async with PredictorService(PredictorConfig(port=0, max_candidates=10), BusConfig(nats_url=nats_url)) as svc:
+        await asyncio.wait_for(svc.follower.ready.wait(), _TIMEOUT)  # an empty stream: caught up at once
         yield svc
 
 

@@ -102,12 +102,18 @@ class Processes:
 
 
 async def wait_serving(address: str, timeout_s: float = 30.0) -> None:
-    """Waits until a gRPC server's health check says SERVING."""
+    """Waits until a gRPC server's health check says SERVING (a predictor says NOT_SERVING while it catches up)."""
+    deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s, wait_for_ready=True)
-        if resp.status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"{address} is not serving: {resp.status}")
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=left, wait_for_ready=True)
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{address} is not serving after {timeout_s} s: {resp.status}")
+            await asyncio.sleep(0.05)
 
 
 async def feed(

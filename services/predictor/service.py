@@ -135,6 +135,12 @@ class PredictorService(NatsMixin, Service):
                 f"model {request.model!r} is not served here (serving {self.config.model!r})",
                 grpc.StatusCode.NOT_FOUND,
             )
+        if not self.follower.ready.is_set():
+            # An empty or half-caught-up replica would answer with a state no one approved.
+            raise BadRequest(
+                "the replica is still catching up with the model (health: NOT_SERVING)",
+                grpc.StatusCode.UNAVAILABLE,
+            )
         items = tensor_arg(request.item_ids, np.int64, 1, "item_ids", self.config.max_candidates, "candidates")
         if request.user_id < 0 or (items < 0).any() or request.position < 0:
             raise BadRequest("user_id, item_ids and position must be >= 0")
