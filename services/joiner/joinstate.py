@@ -63,7 +63,7 @@ class ActionType(IntEnum):
     DWELL = 4
 
 
-_ACTION_TYPES = {int(t): t for t in ActionType}
+ACTION_TYPES = {int(t): t for t in ActionType}  # protobuf enum value -> type
 
 
 class ImpressionEvent(NamedTuple):
@@ -91,16 +91,19 @@ class ImpressionEvent(NamedTuple):
             item_id=msg.item_id,
             position=msg.position,
             event_time_ms=msg.event_time_ms,
-            context=_context(msg.context),
+            context=context_pairs(msg.context),
         )
 
 
-def _context(context) -> tuple[tuple[str, str], ...]:
+def context_pairs(context) -> tuple[tuple[str, str], ...]:
     """A protobuf context map as sorted (name, value) pairs (most events have none or one)."""
     n = len(context)
     if n == 0:
         return ()
-    return tuple(context.items()) if n == 1 else tuple(sorted(context.items()))
+    if n == 1:
+        for name in context:
+            return ((name, context[name]),)
+    return tuple(sorted(context.items()))
 
 
 class ActionEvent(NamedTuple):
@@ -119,7 +122,7 @@ class ActionEvent(NamedTuple):
     @classmethod
     def from_proto(cls, msg: events_pb2.Action) -> ActionEvent:
         """Raises ValueError for ``ACTION_TYPE_UNSPECIFIED`` or a type this code does not know."""
-        kind = _ACTION_TYPES.get(msg.type)
+        kind = ACTION_TYPES.get(msg.type)
         if kind is None:
             raise ValueError(f"action type {msg.type} is not one of {[t.name for t in ActionType]}")
         return cls(msg.request_id, msg.item_id, kind, float(msg.value), msg.event_time_ms)

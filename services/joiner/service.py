@@ -39,7 +39,7 @@ from freshet.events.v1 import events_pb2
 from freshet.runtime import NatsMixin, Service
 from services.joiner.config import JoinerConfig
 from services.joiner.eventjoin import ActionEvent, EventJoin, ImpressionEvent, JoinedSample
-from services.joiner.joinstate import MemoryJoinState, RocksJoinState
+from services.joiner.joinstate import ACTION_TYPES, MemoryJoinState, RocksJoinState, context_pairs
 
 logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -93,6 +93,44 @@ def parse_event(proto: events_pb2.Impression | events_pb2.Action) -> ImpressionE
         return ActionEvent.from_proto(proto)
     except ValueError as exc:
         raise bus.Reject(str(exc)) from None
+
+
+def batch_events(
+    batch: events_pb2.EventBatch,
+) -> tuple[list[ImpressionEvent | ActionEvent], list[tuple[int, str]]]:
+    """The join's events of a decoded batch, in order, and (index, reason) for each entry that is not one.
+
+    Valid entries (nearly all) are converted inline; the others go through ``parse_event`` for the reason.
+    """
+    events: list[ImpressionEvent | ActionEvent] = []
+    bad: list[tuple[int, str]] = []
+    action_types = ACTION_TYPES
+    for index, entry in enumerate(batch.events):
+        which = entry.WhichOneof("kind")
+        if which == "impression":
+            m = entry.impression
+            request, user, item, position = m.request_id, m.user_id, m.item_id, m.position
+            if request and user >= 0 and item >= 0 and position >= 0:
+                context = m.context
+                events.append(
+                    ImpressionEvent(
+                        request, user, item, position, m.event_time_ms, context_pairs(context) if context else ()
+                    )
+                )
+                continue
+        elif which == "action":
+            m = entry.action
+            request, item, kind = m.request_id, m.item_id, action_types.get(m.type)
+            if request and item >= 0 and kind is not None:
+                events.append(ActionEvent(request, item, kind, m.value, m.event_time_ms))
+                continue
+        try:
+            if which is None:
+                raise bus.Reject("batch entry is neither an impression nor an action")
+            events.append(parse_event(getattr(entry, which)))  # a valid event the checks above missed
+        except bus.Reject as rej:
+            bad.append((index, rej.reason))
+    return events, bad
 
 
 class PartitionJoin:
@@ -203,16 +241,8 @@ class JoinerService(NatsMixin, Service):
             batch = events_pb2.EventBatch.FromString(msg.data)
         except DecodeError as exc:
             raise bus.Reject(f"cannot decode EventBatch: {exc}") from None
-        events, bad = [], []
-        for index, entry in enumerate(batch.events):
-            which = entry.WhichOneof("kind")
-            try:
-                if which is None:
-                    raise bus.Reject("batch entry is neither an impression nor an action")
-                events.append(parse_event(getattr(entry, which)))
-            except bus.Reject as rej:
-                bad.append((index, entry.SerializeToString(), rej.reason))
-        return events, bad
+        events, bad = batch_events(batch)
+        return events, [(index, batch.events[index].SerializeToString(), reason) for index, reason in bad]
 
     async def _on_batch(self, part: PartitionJoin, msgs: list[Msg]) -> list[bus.Outcome]:
         async with part.lock:
@@ -233,8 +263,7 @@ class JoinerService(NatsMixin, Service):
                     await bus.dead_letter(self.js, "events", msg, reason, part=index, data=data)
                     self.invalid_events += 1
                 before = len(produced)
-                for ev in events:
-                    produced += join.on_impression(ev) if type(ev) is ImpressionEvent else join.on_action(ev)
+                produced += join.on_events(events)
                 if len(produced) > before and msg.headers:
                     parents.append(msg.headers)
                 outcomes.append(bus.Outcome.ACK)
