@@ -10,13 +10,16 @@ done; reflection lists the Predictor and health services.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 import torch
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from freshet import telemetry
 from freshet.config import BusConfig
@@ -35,6 +38,23 @@ tracer = telemetry.tracer(__name__)
 
 SERVICE_NAME = "freshet.predictor.v1.Predictor"
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def register_metrics(meter: Meter, follower: Follower) -> None:
+    """Observable gauges ``freshet.predictor.*``: the served version, its position and the follower's counters."""
+    readings: dict[str, Callable[[], float]] = {
+        "version": lambda: follower.version,
+        "decision_position": lambda: follower.position,
+        "rows": lambda: len(follower.replica),
+    }
+    for counter in dataclasses.fields(FollowerStats):
+        readings[counter.name] = lambda name=counter.name: getattr(follower.stats, name)
+    for name, read in readings.items():
+
+        def observe(options: CallbackOptions, read: Callable[[], float] = read) -> list[Observation]:
+            return [Observation(read())]
+
+        meter.create_observable_gauge(f"freshet.predictor.{name}", callbacks=[observe])
 
 
 class PredictorService(NatsMixin, Service):
@@ -92,6 +112,7 @@ class PredictorService(NatsMixin, Service):
             self.settings,
             name="predictor",
         )
+        register_metrics(telemetry.meter(__name__), self.follower)
         # The request limit is also the response limit: a response (float32 scores) is always
         # smaller than the request that asked for it (int64 ids).
         self.grpc = GrpcServer(self.config.host, self.config.port, max_message_bytes=self.config.max_request_bytes)
