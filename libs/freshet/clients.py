@@ -51,16 +51,48 @@ class _Client:
         await self.close()
 
 
+class StoreRestarted(RuntimeError):
+    """A store shard answered from a new process: writes acknowledged after its last checkpoint are gone.
+
+    Raised by every call answered by the new process (its effect did happen there) until the caller,
+    having dealt with the loss, calls ``forget_incarnation``; a Checkpoint is refused meanwhile, so the
+    loss cannot be made durable by accident.
+    """
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"store shard {address} restarted and restored its last checkpoint")
+        self.address = address
+
+
 class StoreClient(_Client):
-    """Client of one embedding store shard."""
+    """Client of one embedding store shard.
+
+    It remembers the shard's incarnation (``DescribeResponse.incarnation``) from the first answer on;
+    a Pull, Push or Describe answered by another incarnation raises ``StoreRestarted``, and so does
+    every later one until ``forget_incarnation``.
+    """
 
     def __init__(self, address: str, timeout_s: float = 10.0) -> None:
         super().__init__(address, timeout_s)
         self.stub = store_pb2_grpc.EmbeddingStoreStub(self.channel)
+        self.incarnation = 0  # 0: not known yet
+
+    def _seen(self, incarnation: int) -> None:
+        if not incarnation:  # a server that does not report one
+            return
+        if not self.incarnation:
+            self.incarnation = incarnation
+        elif incarnation != self.incarnation:
+            raise StoreRestarted(self.address)
+
+    def forget_incarnation(self) -> None:
+        """Accepts whichever incarnation answers next (after the caller has handled a restart)."""
+        self.incarnation = 0
 
     async def pull(self, table: str, fids: np.ndarray) -> np.ndarray:
         """Rows of fids int64 [n]: float32 [n, dim]."""
         resp = await self.stub.Pull(store_pb2.PullRequest(table=table, fids=to_tensor(fids)), **self._kw())
+        self._seen(resp.incarnation)
         return from_tensor(resp.values, np.float32, 2, "values")
 
     async def push(self, table: str, fids: np.ndarray, grads: np.ndarray, counts: np.ndarray | None = None) -> int:
@@ -69,6 +101,7 @@ class StoreClient(_Client):
         if counts is not None:
             req.counts.CopyFrom(to_tensor(np.asarray(counts, np.int32)))
         resp = await self.stub.Push(req, **self._kw())
+        self._seen(resp.incarnation)
         return resp.version
 
     async def export(self, table: str, since_version: int, limit: int = 0) -> ExportedRows:
@@ -84,12 +117,25 @@ class StoreClient(_Client):
         )
 
     async def describe(self) -> store_pb2.DescribeResponse:
-        return await self.stub.Describe(store_pb2.DescribeRequest(), **self._kw())
+        resp = await self.stub.Describe(store_pb2.DescribeRequest(), **self._kw())
+        self._seen(resp.incarnation)
+        return resp
 
     async def checkpoint(self, tag: str = "", snapshot_dir: str = "") -> store_pb2.CheckpointResponse:
-        """Makes the shard durable now, storing ``tag`` with the checkpoint; optionally a full snapshot too."""
-        req = store_pb2.CheckpointRequest(tag=tag, snapshot_dir=snapshot_dir)
-        return await self.stub.Checkpoint(req, **self._kw())
+        """Makes the shard durable now, storing ``tag`` with the checkpoint; optionally a full snapshot too.
+
+        Raises:
+            StoreRestarted: the shard restarted since this client last heard from it; nothing was checkpointed.
+        """
+        req = store_pb2.CheckpointRequest(
+            tag=tag, snapshot_dir=snapshot_dir, expected_incarnation=self.incarnation
+        )
+        try:
+            return await self.stub.Checkpoint(req, **self._kw())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise
+            raise StoreRestarted(self.address) from None
 
     async def rollback(self, expected_tag: str = "") -> store_pb2.CheckpointResponse:
         """Returns every table of the shard to its last checkpoint; a non-empty ``expected_tag`` must be its tag.
@@ -170,6 +216,11 @@ class ShardedStoreClient:
 
     async def describe(self) -> list[store_pb2.DescribeResponse]:
         return list(await asyncio.gather(*(s.describe() for s in self.shards)))
+
+    def forget_incarnations(self) -> None:
+        """See ``StoreClient.forget_incarnation``: every shard's next answer sets its incarnation."""
+        for shard in self.shards:
+            shard.forget_incarnation()
 
     async def checkpoint(self, tag: str = "") -> list[store_pb2.CheckpointResponse]:
         """Checkpoints every shard with the same tag."""

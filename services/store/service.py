@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from pathlib import Path
 
 import grpc
@@ -58,6 +59,8 @@ class StoreHandlers:
     def __init__(self, tables: dict[str, TieredTable], config: StoreConfig) -> None:
         self.tables = tables
         self.config = config
+        # Drawn per process: tells writers that the shard restarted and restored its last checkpoint.
+        self.incarnation = secrets.randbits(63) | 1
 
     def _table(self, name: str) -> TieredTable:
         if name not in self.tables:
@@ -78,7 +81,9 @@ class StoreHandlers:
     async def pull(self, request: store_pb2.PullRequest, context) -> store_pb2.PullResponse:
         table = self._table(request.table)
         values = table.pull(self._fids(request))
-        return store_pb2.PullResponse(values=to_tensor(values), version=table.version)
+        return store_pb2.PullResponse(
+            values=to_tensor(values), version=table.version, incarnation=self.incarnation
+        )
 
     async def push(self, request: store_pb2.PushRequest, context) -> store_pb2.PushResponse:
         table = self._table(request.table)
@@ -95,7 +100,7 @@ class StoreHandlers:
             if counts.shape != (len(fids),) or (counts < 1).any():
                 raise BadRequest(f"counts must be {len(fids)} positive int32 values, one per fid")
         updated = table.push(fids, grads, counts)
-        return store_pb2.PushResponse(version=table.version, rows_updated=updated)
+        return store_pb2.PushResponse(version=table.version, rows_updated=updated, incarnation=self.incarnation)
 
     async def export(self, request: store_pb2.ExportRequest, context) -> store_pb2.ExportResponse:
         table = self._table(request.table)
@@ -130,7 +135,10 @@ class StoreHandlers:
 
     async def describe(self, request: store_pb2.DescribeRequest, context) -> store_pb2.DescribeResponse:
         return store_pb2.DescribeResponse(
-            tables=self.table_infos(), shard=self.config.shard, num_shards=self.config.num_shards
+            tables=self.table_infos(),
+            shard=self.config.shard,
+            num_shards=self.config.num_shards,
+            incarnation=self.incarnation,
         )
 
     async def checkpoint(self, request: store_pb2.CheckpointRequest, context) -> store_pb2.CheckpointResponse:
@@ -138,6 +146,12 @@ class StoreHandlers:
             raise BadRequest(
                 "this store has no data dir (FRESHET_STORE_DATA_DIR): checkpoints need one",
                 grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        if request.expected_incarnation and request.expected_incarnation != self.incarnation:
+            raise BadRequest(
+                f"this shard restarted (incarnation {self.incarnation}, the caller expected "
+                f"{request.expected_incarnation}) and restored its last checkpoint; nothing was checkpointed",
+                grpc.StatusCode.ABORTED,
             )
         self.checkpoint_all(request.tag, request.snapshot_dir)
         return store_pb2.CheckpointResponse(tables=self.table_infos())

@@ -50,7 +50,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from freshet import bus, telemetry
 from freshet.batches import SampleArrays, decode_samples
-from freshet.clients import ShardedStoreClient
+from freshet.clients import ShardedStoreClient, StoreRestarted
 from freshet.config import BusConfig
 from freshet.metrics import ProgressiveMetrics
 from freshet.model.v1 import model_pb2
@@ -250,6 +250,7 @@ class TrainerService(NatsMixin, Service):
         self.position = 0  # stream sequence of the last sample message trained
         self.resumed_from: int | None = None
         self.checkpoints = 0
+        self.store_restarts = 0
         self._last_dense = time.monotonic()
         self._last_dense_step = 0
         self._last_log = time.monotonic()
@@ -281,16 +282,64 @@ class TrainerService(NatsMixin, Service):
         await bus.declare_consumer(self.js, spec)
         self.sub = await self.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
         try:
-            await self._train_stream()
+            while True:
+                try:
+                    await self._train_stream()
+                    break
+                except (StoreRestarted, grpc.aio.AioRpcError) as exc:
+                    if not _store_lost_writes(exc):
+                        raise
+                    spec = await self._recover_store_restart(spec, exc)
             if self._state_store is not None:  # a clean stop resumes from here, with nothing to roll back
                 try:
                     await self.checkpoint()
-                except (grpc.aio.AioRpcError, nats.errors.Error) as exc:
+                except (grpc.aio.AioRpcError, nats.errors.Error, StoreRestarted) as exc:
                     logger.warning(
                         "no checkpoint at shutdown; the next start rolls back", extra={"error": repr(exc)}
                     )
         finally:
             await self.sub.unsubscribe()  # else draining the connection waits for its undelivered fetches
+
+    async def _recover_store_restart(self, spec: bus.ConsumerSpec, exc: Exception) -> bus.ConsumerSpec:
+        while not self.stopping.is_set():  # the shard may still be starting, or another one restart too
+            try:
+                return await self._after_store_restart(spec, exc)
+            except (StoreRestarted, grpc.aio.AioRpcError) as again:
+                if not _store_lost_writes(again):
+                    raise
+                exc = again
+                await asyncio.sleep(0.2)
+        return spec
+
+    async def _after_store_restart(self, spec: bus.ConsumerSpec, exc: Exception) -> bus.ConsumerSpec:
+        """Rolls every shard and this trainer back to the last checkpoint and re-reads the stream from there.
+
+        A restarted shard restored its own last checkpoint, so pushes it acknowledged after that are
+        gone, while the other shards still hold theirs (and a push cut off by a lost connection may or
+        may not have been applied): only a rollback of everything to the trainer's checkpoint (the
+        store's Rollback reaches back past automatic checkpoints) keeps every sample trained exactly
+        once. Without checkpoints (at-least-once) the lost pushes are only reported.
+        """
+        self.store_restarts += 1
+        reason = str(exc) if isinstance(exc, StoreRestarted) else f"{exc.code().name}: {exc.details()}"
+        if self._state_store is None:
+            logger.error(
+                "store shard restarted or unreachable; updates since its last checkpoint may be lost "
+                "(FRESHET_TRAINER_CHECKPOINT_S=0: no exactly-once rollback)",
+                extra={"reason": reason},
+            )
+            return spec
+        self.store.forget_incarnations()  # whichever shards restarted, all are rolled back now
+        start = await self._resume()
+        logger.warning(
+            "store shard restarted or unreachable; rolled back to the last checkpoint, re-reading the stream",
+            extra={"reason": reason, "from_seq": start},
+        )
+        await self.sub.unsubscribe()
+        spec = await bus.restart_at(self.js, spec, start)
+        await bus.declare_consumer(self.js, spec)
+        self.sub = await self.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+        return spec
 
     # -- start-up ------------------------------------------------------------------------------------
 
@@ -440,20 +489,27 @@ class TrainerService(NatsMixin, Service):
         step_done.set()
 
         async def produce() -> None:
-            while (fetched := await self._fetch()) is not None:
-                steps = self._steps(fetched)
-                for i, step in enumerate(steps):
-                    if not self.config.pipeline:
-                        await step_done.wait()
-                        step_done.clear()
-                    await queue.put((await self.learner.prepare(step), fetched if i == len(steps) - 1 else None))
-                if not steps:
-                    await queue.put((None, fetched))
+            try:
+                while (fetched := await self._fetch()) is not None:
+                    steps = self._steps(fetched)
+                    for i, step in enumerate(steps):
+                        if not self.config.pipeline:
+                            await step_done.wait()
+                            step_done.clear()
+                        prep = await self.learner.prepare(step)
+                        await queue.put((prep, fetched if i == len(steps) - 1 else None))
+                    if not steps:
+                        await queue.put((None, fetched))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                await queue.put(exc)
+                return
             await queue.put(None)
 
         producer = asyncio.create_task(produce())
         try:
             while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
                 prep, done = item
                 if prep is not None:
                     links = telemetry.links_from(m.headers for m in (done.msgs if done else []))
@@ -526,6 +582,17 @@ class TrainerService(NatsMixin, Service):
                 "window_log_loss": metrics.window_log_loss(),
             },
         )
+
+
+def _store_lost_writes(exc: Exception) -> bool:
+    """Whether a store call's failure means acknowledged or in-flight writes may be lost (a shard restart
+    or a dropped connection), which a rollback to the last checkpoint repairs."""
+    if isinstance(exc, StoreRestarted):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 def _position_of(state: bytes) -> int:

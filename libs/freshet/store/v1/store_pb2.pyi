@@ -16,12 +16,14 @@ class PullRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., fids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("values", "version")
+    __slots__ = ("values", "version", "incarnation")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     values: _tensor_pb2.Tensor
     version: int
-    def __init__(self, values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("table", "fids", "grads", "counts")
@@ -36,12 +38,14 @@ class PushRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ..., fids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grads: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counts: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("version", "rows_updated")
+    __slots__ = ("version", "rows_updated", "incarnation")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     version: int
     rows_updated: int
-    def __init__(self, version: _Optional[int] = ..., rows_updated: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, version: _Optional[int] = ..., rows_updated: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("table", "since_version", "limit")
@@ -99,12 +103,14 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., version: _Optional[int] = ..., checkpoint_id: _Optional[int] = ..., checkpoint_version: _Optional[int] = ..., checkpoint_tag: _Optional[str] = ..., stats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("tag", "snapshot_dir")
+    __slots__ = ("tag", "snapshot_dir", "expected_incarnation")
     TAG_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_DIR_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     tag: str
     snapshot_dir: str
-    def __init__(self, tag: _Optional[str] = ..., snapshot_dir: _Optional[str] = ...) -> None: ...
+    expected_incarnation: int
+    def __init__(self, tag: _Optional[str] = ..., snapshot_dir: _Optional[str] = ..., expected_incarnation: _Optional[int] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("expected_tag",)
@@ -119,11 +125,13 @@ class CheckpointResponse(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("tables", "shard", "num_shards")
+    __slots__ = ("tables", "shard", "num_shards", "incarnation")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     shard: int
     num_shards: int
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
