@@ -121,9 +121,10 @@ class PredictorService(NatsMixin, Service):
         )
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), self.grpc.server)
         # Not GrpcServer.start, which reports SERVING at once: this replica serves once caught up.
-        await self.grpc.server.start()
+        # Statuses are set before the server starts, so no check ever finds them unset.
         for svc in ("", SERVICE_NAME):
             await self.grpc.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.server.start()
         self.grpc.write_port_file(self.config.port_file)
         self.spawn(self.follower.run(self.stopping), "predictor-follow")
         self.spawn(self._serve_when_ready(), "predictor-ready")
