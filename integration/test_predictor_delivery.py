@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from nats.js.errors import NotFoundError
 
 from freshet import bus, snapshots
 from freshet.clients import PredictorClient, ShardedStoreClient, StoreClient
 from freshet.config import BusConfig
-from freshet.delta import DENSE_SHARD
+from freshet.delta import DENSE_SHARD, decision_subject
 from freshet.model.v1 import model_pb2
 from freshet.models import CtrModel, ModelConfig
 from freshet.tensors import to_tensor
@@ -85,24 +86,32 @@ async def _export_all(client: StoreClient, table: str) -> tuple[np.ndarray, np.n
             return np.concatenate(fids), np.concatenate(values)
 
 
-async def test_a_predictor_started_late_catches_up_from_snapshot_and_deltas_to_exactly_the_store(nats_url, js):
-    rng = np.random.default_rng(11)
-    async with AsyncExitStack() as stack:
-        enter = stack.enter_async_context
+class RealDelivery:
+    """Two store shards, the real publisher and validator, and a hand-driven trainer (store pushes and
+    dense snapshots), all in this process on the test's nats-server."""
+
+    def __init__(self, nats_url: str, js) -> None:
+        self.nats_url = nats_url
+        self.js = js
+        self.rng = np.random.default_rng(11)
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> RealDelivery:
+        enter = self._stack.enter_async_context
         tables = tuple(f"{t}:{w}" for t, w in _TABLES.items())
-        stores = [
+        self.stores = [
             await enter(StoreService(StoreConfig(port=0, tables=tables, shard=i, num_shards=2))) for i in range(2)
         ]
-        clients = [await enter(StoreClient(s.address)) for s in stores]
-        writer = await enter(ShardedStoreClient([s.address for s in stores]))
-        nc = await bus.connect(BusConfig(nats_url=nats_url), "test-requester")
-        stack.push_async_callback(nc.close)
-        bus_config = BusConfig(nats_url=nats_url)
-        await enter(ValidatorService(ValidatorConfig(model_config=_DEEPFM), bus_config))
-        publisher = await enter(
+        self.clients = [await enter(StoreClient(s.address)) for s in self.stores]
+        self.writer = await enter(ShardedStoreClient([s.address for s in self.stores]))
+        bus_config = BusConfig(nats_url=self.nats_url)
+        self.nc = await bus.connect(bus_config, "test-requester")
+        self._stack.push_async_callback(self.nc.close)
+        self.validator = await enter(ValidatorService(ValidatorConfig(model_config=_DEEPFM), bus_config))
+        self.publisher = await enter(
             PublisherService(
                 PublisherConfig(
-                    store_address=",".join(s.address for s in stores),
+                    store_address=",".join(s.address for s in self.stores),
                     model_config=_DEEPFM,
                     interval_s=0.02,
                     max_rows_per_delta=50,  # several deltas per table and cycle, several chunks per snapshot
@@ -111,30 +120,35 @@ async def test_a_predictor_started_late_catches_up_from_snapshot_and_deltas_to_e
                 bus_config,
             )
         )
-        for _ in range(5):
-            await _train_step(writer, rng)
-        await _publish_dense(js, 1, rng)
-        # A snapshot mid-way, approved by the validator; training goes on after it.
-        manifest = await snapshots.request_snapshot(nc, MODEL, "test", timeout_s=10)
-        await assert_eventually(lambda: _latest_approved_is(js, manifest.id), timeout_s=15, message="approved")
-        for _ in range(5):
-            await _train_step(writer, rng)
-        dense = await _publish_dense(js, 2, rng)
+        self.dense_step = 0
+        return self
 
-        predictor = await enter(_predictor(nats_url, model_config=_DEEPFM))
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
 
-        async def caught_up() -> bool:
-            versions = {(s.config.shard, t): s.tables[t].version for s in stores for t in _TABLES}
-            return all(predictor.replica.table_versions.get(k) == v for k, v in versions.items()) and (
-                predictor.replica.dense_step == 2
-            )
+    async def train(self, steps: int) -> dict[str, np.ndarray]:
+        """``steps`` training steps' store updates, then new dense parameters; returns those."""
+        for _ in range(steps):
+            await _train_step(self.writer, self.rng)
+        self.dense_step += 1
+        return await _publish_dense(self.js, self.dense_step, self.rng)
 
-        await assert_eventually(caught_up, timeout_s=20, message="predictor at the store's versions")
+    async def predictor(self) -> PredictorService:
+        return await self._stack.enter_async_context(_predictor(self.nats_url, model_config=_DEEPFM))
+
+    async def caught_up(self, predictor: PredictorService) -> bool:
+        """The predictor holds every table of every shard at the store's version, and the last dense step."""
+        versions = {(s.config.shard, t): s.tables[t].version for s in self.stores for t in _TABLES}
         replica = predictor.replica
-        assert replica.snapshot == manifest.id and predictor.stats.snapshots_loaded == 1
-        assert predictor.gaps == 0 and publisher.failed is None
+        return replica.dense_step == self.dense_step and all(
+            replica.table_versions.get(k) == v for k, v in versions.items()
+        )
+
+    async def assert_equal_to_the_store(self, predictor: PredictorService, dense: dict[str, np.ndarray]) -> None:
+        """The replica's rows equal the store's Export from version 0, bit for bit, and its dense parameters the last."""
+        replica = predictor.replica
         for table in _TABLES:
-            parts = [await _export_all(c, table) for c in clients]
+            parts = [await _export_all(c, table) for c in self.clients]
             fids = np.concatenate([p[0] for p in parts])
             values = np.concatenate([p[1] for p in parts])
             assert len(fids) > 100
@@ -142,6 +156,63 @@ async def test_a_predictor_started_late_catches_up_from_snapshot_and_deltas_to_e
         own = replica.model.state_dict()
         for name, value in dense.items():
             assert own[name].numpy().tobytes() == value.tobytes(), name
+
+    async def deltas_decided(self) -> list[tuple[int, model_pb2.Approval]]:
+        """Every decision in the MODEL stream so far: (stream sequence, approval)."""
+        found = []
+        last = (await self.js.stream_info(bus.MODEL.name)).state.last_seq
+        for seq in range(1, last + 1):
+            try:
+                raw = await self.js.get_msg(bus.MODEL.name, seq)
+            except NotFoundError:
+                continue
+            if raw.subject == decision_subject(MODEL):
+                found.append((seq, model_pb2.Approval.FromString(raw.data)))
+        return found
+
+
+async def test_a_predictor_started_late_catches_up_from_snapshot_and_deltas_to_exactly_the_store(nats_url, js):
+    async with RealDelivery(nats_url, js) as delivery:
+        await delivery.train(5)
+        # A snapshot mid-way, approved by the validator; training goes on after it.
+        manifest = await snapshots.request_snapshot(delivery.nc, MODEL, "test", timeout_s=10)
+        await assert_eventually(lambda: _latest_approved_is(js, manifest.id), timeout_s=15, message="approved")
+        dense = await delivery.train(5)
+
+        predictor = await delivery.predictor()
+
+        await assert_eventually(
+            lambda: delivery.caught_up(predictor), timeout_s=20, message="at the store's versions"
+        )
+        assert predictor.replica.snapshot == manifest.id and predictor.stats.snapshots_loaded == 1
+        assert predictor.gaps == 0 and delivery.publisher.failed is None
+        await delivery.assert_equal_to_the_store(predictor, dense)
+
+
+async def test_an_approved_delta_lost_from_the_stream_is_repaired_with_a_snapshot_the_publisher_takes(
+    nats_url, js
+):
+    async with RealDelivery(nats_url, js) as delivery:
+        await delivery.train(4)
+
+        async def approvals() -> list[model_pb2.Approval]:
+            decided = await delivery.deltas_decided()
+            shard_1 = [a for _, a in decided if a.shard == 1 and a.decision == model_pb2.DECISION_APPROVE]
+            return len(shard_1) >= 3 and shard_1
+
+        shard_1 = await assert_eventually(approvals, timeout_s=15, message="shard 1 deltas approved")
+        # No snapshot was ever taken: the predictor can only repair the hole with one it asks for.
+        await js.delete_msg(bus.MODEL.name, shard_1[1].delta_stream_seq)
+        dense = await delivery.train(2)
+
+        predictor = await delivery.predictor()
+
+        await assert_eventually(
+            lambda: delivery.caught_up(predictor), timeout_s=30, message="at the store's versions"
+        )
+        assert predictor.gaps == 1 and predictor.stats.snapshots_loaded == 1
+        assert predictor.replica.snapshot  # built from the snapshot it asked for
+        await delivery.assert_equal_to_the_store(predictor, dense)
 
 
 # -- consistency while deltas stream --------------------------------------------------------------------
