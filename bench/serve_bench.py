@@ -11,7 +11,8 @@ trainer, joiner, publisher, validator, predictor, all with their default setting
   Predict answer in which that item's score differs from the score of another never-seen item for
   the same user, in the same answer (same version, so only the clicked item's row can make them
   differ; its row exists only once the click's sample is trained, exported, approved and applied).
-  The predictor is polled every ``--poll-ms``.
+  The predictor is polled every ``--poll-ms``; probes start after a random pause (0-200 ms), so they
+  fall at random points of the publisher's interval.
 - ``predict_p50_ms`` / ``predict_p99_ms``: ``--predict-rate`` Predict requests/s (default 200),
   open loop, each with ``--candidates`` items (default 500) drawn from the synthetic catalogue,
   for ``--predict-seconds``, while the background load keeps deltas coming; latency as the client
@@ -296,8 +297,12 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
                 sent: dict[int, float] = {}
                 visible: dict[int, float] = {}
                 timeouts = 0
+                gaps = np.random.default_rng(args.seed).uniform(0.0, 0.2, args.probes)
                 for k in range(args.probes):
                     check(services, load)
+                    # A random pause: back-to-back probes would start just after the publisher's last
+                    # export and so always wait a whole publish interval.
+                    await asyncio.sleep(gaps[k])
                     result = await probe_freshness(
                         probe_publisher, predictor, clock, k, args.poll_ms / 1000.0, args.probe_timeout_s
                     )

@@ -197,6 +197,9 @@ class PublisherService(NatsMixin, Service):
     async def _publish_forever(self) -> None:
         try:
             while not self.stopping.is_set():
+                # Cycles start every interval (not an interval after the last one ended), so a change
+                # waits interval / 2 on average for its export, however long the cycles take.
+                started = time.monotonic()
                 try:
                     await self._snapshot_if_asked_or_due()
                     if await self._must_wait():
@@ -207,7 +210,7 @@ class PublisherService(NatsMixin, Service):
                     if self.stopping.is_set():
                         break  # a retry given up on shutdown: cursors are where the last ack left them
                     raise
-                await self._pause(self.config.interval_s)
+                await self._pause(self.config.interval_s - (time.monotonic() - started))
         finally:
             for msg in self._take_requests():
                 await self._reply_error(msg, "the publisher is shutting down")
@@ -215,6 +218,8 @@ class PublisherService(NatsMixin, Service):
     async def _pause(self, seconds: float) -> None:
         """Waits ``seconds``, less when stopping or when a snapshot is asked for."""
         self._wake.clear()
+        if seconds <= 0:
+            return
         waits = [asyncio.ensure_future(self.stopping.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
