@@ -447,8 +447,8 @@ class EventJoin:
             return
         state, counters = self.state, self.counters
         # Closing a window schedules its FORGET timer, which may already be due: loop until nothing is.
-        while due := state.pop_due_entries(wm):
-            for _, kind, item, request in due:
+        while due := state.pop_due_timers(wm):
+            for kind, item, request in due:
                 key = (request, item)
                 if kind == TimerKind.CLOSE:
                     self._close(key, wm, out)

@@ -206,8 +206,10 @@ class JoinState(ABC):
     """Storage of one join partition. Getters return immutable values; change them only through puts."""
 
     def __init__(self) -> None:
-        self._live: set[tuple[int, str, int, str]] = set()
-        self._heap: list[tuple[int, str, int, str]] = []  # may hold removed timers; only those in _live count
+        # Timers due at one time, as (kind, item id, request id), and a heap of those times (a time stays
+        # in the heap after its timers are removed; popping it finds none).
+        self._due_at: dict[int, set[tuple[str, int, str]]] = {}
+        self._times: list[int] = []
 
     @abstractmethod
     def get_window(self, key: Key) -> WindowRecord | None: ...
@@ -241,9 +243,9 @@ class JoinState(ABC):
         """Every key's buffered actions, for rebuilding timers."""
 
     # Timers live in process memory, in both implementations: they follow from the stored windows and
-    # buffers, so ``EventJoin`` rebuilds them when it opens a state. The heap holds plain tuples
-    # (at, kind, item id, request id), which order exactly as the encoded timers do (UTF-8 keeps the
-    # code point order) and compare and hash faster.
+    # buffers, so ``EventJoin`` rebuilds them when it opens a state. They are grouped by due time (many
+    # events share a millisecond), and each group sorts its (kind, item id, request id) tuples when it
+    # fires, which orders timers exactly as their encodings (UTF-8 keeps the code point order).
 
     def add_timer(self, timer: Timer) -> None:
         """Schedule timer (adding one that exists is a no-op)."""
@@ -251,43 +253,40 @@ class JoinState(ABC):
 
     def schedule(self, at_ms: int, kind: str, key: Key) -> None:
         """``add_timer(Timer(at_ms, kind, key))`` without building the Timer (the join schedules two per key)."""
-        entry = (at_ms, kind, key[1], key[0])
-        if entry not in self._live:
-            self._live.add(entry)
-            heapq.heappush(self._heap, entry)
+        timers = self._due_at.get(at_ms)
+        if timers is None:
+            self._due_at[at_ms] = {(kind, key[1], key[0])}
+            heapq.heappush(self._times, at_ms)
+        else:
+            timers.add((kind, key[1], key[0]))
 
     def next_due_ms(self) -> int | None:
         """A lower bound of the earliest timer's due time (None: no timer); removed timers may still count."""
-        return self._heap[0][0] if self._heap else None
+        return self._times[0] if self._times else None
 
     def remove_timer(self, timer: Timer) -> None:
         """Unschedule timer (missing ones are ignored)."""
-        self._live.discard((timer.at_ms, timer.kind, timer.key[1], timer.key[0]))
+        timers = self._due_at.get(timer.at_ms)
+        if timers is not None:
+            timers.discard((timer.kind, timer.key[1], timer.key[0]))
 
-    def pop_due_entries(self, up_to_ms: int) -> list[tuple[int, str, int, str]]:
-        """``pop_due`` as plain (at_ms, kind, item id, request id) tuples, in the same order."""
-        heap = self._heap
-        if not heap or heap[0][0] > up_to_ms:
+    def pop_due_timers(self, up_to_ms: int) -> list[tuple[str, int, str]]:
+        """``pop_due`` as plain (kind, item id, request id) tuples, in the same order."""
+        times = self._times
+        if not times or times[0] > up_to_ms:
             return []
-        out, live, pop = [], self._live, heapq.heappop
-        while heap and heap[0][0] <= up_to_ms:
-            entry = pop(heap)
-            if entry in live:
-                live.remove(entry)
-                out.append(entry)
+        out: list[tuple[str, int, str]] = []
+        while times and times[0] <= up_to_ms:
+            timers = self._due_at.pop(heapq.heappop(times))
+            out += sorted(timers) if len(timers) > 1 else timers
         return out
 
     def pop_due(self, up_to_ms: int) -> list[Timer]:
         """Remove and return every timer with ``at_ms <= up_to_ms``, ordered by (at_ms, kind, key)."""
-        heap = self._heap
-        if not heap or heap[0][0] > up_to_ms:
-            return []
-        out, live = [], self._live
-        while heap and heap[0][0] <= up_to_ms:
-            entry = heapq.heappop(heap)
-            if entry in live:
-                live.remove(entry)
-                out.append(Timer(entry[0], entry[1], (entry[3], entry[2])))
+        times, out = self._times, []
+        while times and times[0] <= up_to_ms:
+            at = heapq.heappop(times)
+            out += [Timer(at, kind, (request, item)) for kind, item, request in sorted(self._due_at.pop(at))]
         return out
 
     @abstractmethod
