@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
@@ -79,9 +80,9 @@ def featurise(
     The joiner and the offline dataset path both featurise here, so their samples cannot differ.
     """
     n = len(impressions)
-    users = np.fromiter((i.user_id for i in impressions), np.int64, n)
-    items = np.fromiter((i.item_id for i in impressions), np.int64, n)
-    positions = np.fromiter((i.position for i in impressions), np.int64, n)
+    users = np.fromiter(map(attrgetter("user_id"), impressions), np.int64, n)
+    items = np.fromiter(map(attrgetter("item_id"), impressions), np.int64, n)
+    positions = np.fromiter(map(attrgetter("position"), impressions), np.int64, n)
     fids, lengths = batch_example_fids(users, items, positions, contexts)
     label_vectors = np.asarray(label_vectors, np.float32).reshape(n, LABELS)
     return SampleArrays(
@@ -90,7 +91,7 @@ def featurise(
         labels=label_vectors[:, 0].copy(),
         weights=np.asarray(weights, np.float32),
         sample_ids=sample_ids,
-        event_time_ms=np.fromiter((i.event_time_ms for i in impressions), np.int64, n),
+        event_time_ms=np.fromiter(map(attrgetter("event_time_ms"), impressions), np.int64, n),
         user_ids=users,
         item_ids=items,
         label_vectors=label_vectors,

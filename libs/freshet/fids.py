@@ -7,6 +7,7 @@ possible because the slot is recoverable from the fid. Fids are always non-negat
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -100,12 +101,20 @@ def batch_example_fids(
     (name, value) pairs sorted by name.
     """
     n = len(item_ids)
-    base = np.stack(
-        [int_fids(SLOT_USER, user_ids), int_fids(SLOT_ITEM, item_ids), int_fids(SLOT_POSITION, positions)], axis=1
-    )
+    ids = np.empty((n, 3), np.int64)
+    ids[:, 0], ids[:, 1], ids[:, 2] = user_ids, item_ids, positions
+    base = _mixed_fids(ids, _BASE_SLOTS)  # [n, 3]: the three int_fids columns in one pass
     extra = [len(ctx) for ctx in contexts]
-    if not any(extra):
-        return base.reshape(-1), np.full(n, 3, np.int32)
+    width = extra[0] if n else 0
+    if extra.count(width) == n:  # every example has as many context features (the common case)
+        if width == 0:
+            return base.reshape(-1), np.full(n, 3, np.int32)
+        try:
+            context = np.fromiter(itertools.chain.from_iterable(map(_context_fids, contexts)), np.int64, n * width)
+        except TypeError:  # contexts given as lists, which cannot key the memo
+            context = np.fromiter((context_fid(k, v) for ctx in contexts for k, v in ctx), np.int64, n * width)
+        fids = np.concatenate([base, context.reshape(n, width)], axis=1)
+        return fids.reshape(-1), np.full(n, 3 + width, np.int32)
     lengths = np.asarray(extra, np.int32) + 3
     starts = np.zeros(n, np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
@@ -117,6 +126,31 @@ def batch_example_fids(
     first = np.repeat(starts + 3 - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
     fids[first + np.arange(len(context))] = context
     return fids, lengths
+
+
+_BASE_SLOTS = np.array([SLOT_USER, SLOT_ITEM, SLOT_POSITION], np.uint64) << np.uint64(VALUE_BITS)
+
+
+def _mixed_fids(values: np.ndarray, slot_bits: np.ndarray) -> np.ndarray:
+    """``int_fids`` of each column of int64 [n, k] values with its own slot (``slot_bits``: uint64 [k], the
+    slots shifted into place): int64 [n, k]."""
+    x = values.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    x &= np.uint64(VALUE_MASK)
+    x |= slot_bits
+    return x.view(np.int64)
+
+
+@lru_cache(maxsize=1 << 14)
+def _context_fids(context: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+    """The fids of one example's context, in its order (memoised: whole contexts repeat too)."""
+    return tuple(context_fid(name, value) for name, value in context)
 
 
 def shard_of(fids: np.ndarray, num_shards: int) -> np.ndarray:

@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
-from freshet.batches import SampleArrays, encode_sample_arrays, featurise
+from freshet.batches import LABELS, SampleArrays, encode_sample_arrays, featurise
 from freshet.config import BusConfig
 from freshet.events.v1 import events_pb2
 from freshet.runtime import NatsMixin, Service
@@ -69,15 +69,19 @@ def validate_action(action: events_pb2.Action) -> str | None:
 
 def joined_arrays(joined: list[JoinedSample]) -> SampleArrays:
     """The training samples of joined impressions."""
-    n = len(joined)
-    imps = [j.impression for j in joined]
+    if not joined:
+        return featurise(
+            [], [], np.zeros((0, LABELS), np.float32), np.zeros(0, np.float32), [], np.zeros(0, np.int32)
+        )
+    # Samples and impressions are tuples: transposing them with zip is the cheapest way to columns.
+    sample_ids, _, label_vectors, versions, weights, _, impressions = zip(*joined, strict=True)
     return featurise(
-        imps,
-        [i.context for i in imps],
-        np.array([j.label_vector for j in joined], np.float32),
-        np.fromiter((j.weight for j in joined), np.float32, n),
-        [j.sample_id for j in joined],
-        np.fromiter((j.version for j in joined), np.int32, n),
+        impressions,
+        [imp.context for imp in impressions],
+        np.array(label_vectors, np.float32),
+        np.array(weights, np.float32),
+        list(sample_ids),
+        np.array(versions, np.int32),
     )
 
 
