@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from train_bench import Services, cpu_seconds, machine_jiffies, nats_pid, progress, start_store
+from train_bench import Services, cpu_seconds, machine_jiffies, nats_pid, niced, progress, start_store
 
 from freshet import bus
 from freshet.clients import PredictorClient
@@ -251,7 +251,8 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
         nc = await bus.connect(BusConfig(nats_url=server.url), "freshet-serve-bench")
         js = nc.jetstream()
         await bus.declare_streams(js)
-        services = Services(server.url, str(work / "logs"), extra_env)
+        background = ("store", "trainer", "joiner", "publisher", "validator")
+        services = Services(server.url, str(work / "logs"), extra_env, {name: args.nice for name in background})
         load = None
         try:
             store = start_store(services, "store", ModelConfig())
@@ -262,6 +263,7 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
             progress("services up; starting the background load")
             load = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once
                 [
+                    *niced(args.nice),
                     sys.executable,
                     __file__,
                     "--load",
@@ -354,6 +356,7 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
         "cpu_s": cpu,
         "machine_busy": round(busy / max(total, 1), 3),
         "env": extra_env,
+        "training_side_niceness": args.nice,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
@@ -369,6 +372,7 @@ def table(result: dict) -> str:
         ("predict requests / errors", f"{result['predict_requests']} / {result['predict_errors']}", ""),
         ("model versions answered during Predict", result["versions_seen"], "> 1"),
         ("background load (events/s)", result["background_events_per_s"], "≥ 2,000"),
+        ("niceness of the training side and load", result["training_side_niceness"], ""),
     ]
     lines = ["| measure | result | target |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
@@ -392,6 +396,13 @@ def main() -> int:
     parser.add_argument("--candidates", type=int, default=500)
     parser.add_argument("--predict-rate", type=float, default=200.0)
     parser.add_argument("--predict-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the training side (store, trainer, joiner, publisher, validator) and the load generator;"
+        " the predictor, nats-server and this process keep theirs",
+    )
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="setting for every service"
     )

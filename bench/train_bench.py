@@ -147,9 +147,12 @@ class Services:
     start order.
     """
 
-    def __init__(self, server_url: str, log_dir: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, server_url: str, log_dir: str, env: dict[str, str], nice: dict[str, int] | None = None
+    ) -> None:
         self.server_url = server_url
         self.env = env
+        self.nice = nice or {}  # service name -> niceness it runs at (all its threads)
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -163,7 +166,8 @@ class Services:
             **env,
         }
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
+            command = [*niced(self.nice.get(name, 0)), sys.executable, "-m", module]
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         return proc
 
@@ -181,6 +185,12 @@ class Services:
                 proc.send_signal(signal.SIGTERM)
             proc.wait(20)
         self.procs.clear()
+
+
+def niced(niceness: int) -> list[str]:
+    """A command prefix that starts a child at lower priority, all its threads included (``nice`` execs
+    it, so the pid stays the child's); empty for 0."""
+    return ["nice", "-n", str(niceness)] if niceness else []
 
 
 def start_store(services: Services, name: str, config: ModelConfig) -> str:
