@@ -2,7 +2,7 @@
 
 One small interface, ``JoinState``, and two implementations that behave identically:
 
-- ``MemoryJoinState``: plain dicts and a heap; for tests and for joiners that may lose their state.
+- ``MemoryJoinState``: plain dicts; for tests and for joiners that may lose their state.
 - ``RocksJoinState``: the same data in one RocksDB (rocksdict, raw mode), written only by ``commit()``.
 
 The data model lives here too, because the RocksDB layout must be able to rebuild it: ``ImpressionEvent``,
@@ -11,25 +11,33 @@ The data model lives here too, because the RocksDB layout must be able to rebuil
 
 RocksDB layout (keys are bytes; ``K`` = item id as order-preserving 8-byte big-endian + request id UTF-8):
 
-- ``w/K`` -> window record (open window, or the tombstone of a closed one), packed binary (``_WINDOW``
-  header, then the context as length-prefixed UTF-8 pairs). A window that closes is not written again:
-  a stored window whose close time is at or before the committed watermark reads as closed (``EventJoin``
-  closes every window its watermark reaches before it commits). Only a change of labels rewrites it;
+- ``s/<n>`` -> segment ``n``: the window records written by one commit, and the windows it deleted, as
+  entries (tag, ``K``, then for a record: the ``_WINDOW`` header and the context as length-prefixed UTF-8
+  pairs). One RocksDB write per commit instead of one per window: the joiner writes a window when its
+  impression arrives and again only if its labels change. A window's latest record is the one in the
+  newest segment; a segment is dropped once none of its records is the latest of a stored window and no
+  older segment is left (its deletions then shadow nothing), so segments go as their windows are forgotten.
+  A window that closes is not written again: a stored window whose close time is at or before the
+  committed watermark reads as closed (``EventJoin`` closes every window its watermark reaches before it
+  commits);
 - ``b/K`` -> buffered actions of a key whose impression has not arrived, packed (``_ACTION`` each);
 - ``m/meta`` -> JSON watermark, maximum event time, next outbox sequence and counters;
 - ``o/<seq>`` -> an outbox entry: encoded output (a ``SampleBatch``) committed with the state that
-  produced it and deleted once JetStream acknowledged it (``seq`` order-preserving 8-byte big-endian).
+  produced it and deleted once JetStream acknowledged it (``seq`` and ``n`` order-preserving 8-byte
+  big-endian).
 
 Every mutation between two ``commit()`` calls is held in an in-memory overlay that reads see at once
 (read-your-writes); ``commit()`` writes the overlay as ONE ``WriteBatch``, so after a crash the store is
-exactly as of the last commit. In memory, besides the overlay: a bounded cache of recently written
-windows, and the set of keys that have a window or buffered actions, so the key of a new impression (most
-reads) is known to be absent without a RocksDB read. ``close()`` does not commit: what was not committed is lost, as in a crash.
+exactly as of the last commit. ``close()`` does not commit: what was not committed is lost, as in a crash.
+In memory, besides the overlay: where each stored window is (its segment), so the key of a new impression
+(most reads) is known to be absent without a read; a bounded cache of recently written windows; a few
+decoded segments; and the keys with buffered actions.
+
 Timers are not stored: they follow from the windows and buffers (a CLOSE timer per open window, a FORGET
 timer per closed one, an ORPHAN timer per buffered action's deadline), so both implementations keep them
-in a heap in process memory and ``EventJoin`` rebuilds them when it opens a state. They are ordered by
-their encoded bytes, i.e. by (due time, kind, key), which keeps the order in which windows fire the same
-in every run.
+in process memory, grouped by due time, and ``EventJoin`` rebuilds them when it opens a state. They fire
+ordered by their encoded bytes, i.e. by (due time, kind, key), which keeps the order in which windows fire
+the same in every run.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from functools import lru_cache
 from types import TracebackType
 from typing import NamedTuple
 
-from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from freshet.events.v1 import events_pb2
 
@@ -161,7 +169,6 @@ def _i64(value: int) -> bytes:
     return (value + _OFFSET).to_bytes(8, "big")
 
 
-@lru_cache(maxsize=1 << 18)  # a key is encoded about six times over its window's life
 def encode_key(key: Key) -> bytes:
     return (key[1] + _OFFSET).to_bytes(8, "big") + key[0].encode()
 
@@ -380,7 +387,8 @@ class MemoryJoinState(JoinState):
         pass
 
 
-_W, _B, _O, _META = b"w/", b"b/", b"o/", b"m/meta"
+_S, _B, _O, _META = b"s/", b"b/", b"o/", b"m/meta"
+_LEGACY_W = b"w/"
 
 
 class RocksJoinState(JoinState):
@@ -395,9 +403,6 @@ class RocksJoinState(JoinState):
     def __init__(self, path: str, *, sync_writes: bool = False, cached_windows: int = 1 << 18) -> None:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
-        table = BlockBasedOptions()
-        table.set_bloom_filter(10, False)  # reads of keys that do not exist are cheap on disk
-        opts.set_block_based_table_factory(table)
         self.path = path
         self._db: Rdict | None = Rdict(path, opts)
         self._write_opts = WriteOptions()
@@ -407,27 +412,33 @@ class RocksJoinState(JoinState):
         self._pending_windows: dict[Key, WindowRecord | None] = {}
         self._pending: dict[bytes, object] = {}
         # Decoded window records as of recent commits (most windows are read again when they close):
-        # saves a RocksDB read and a decode; bounded, oldest written first out.
+        # saves reading and decoding a segment; bounded, oldest written first out.
         self._recent: dict[Key, WindowRecord] = {}
         self._cached_windows = cached_windows
-        # Every key with a stored window: a new impression's key (the common case) needs no RocksDB read,
-        # which would search the memtable. Keys with buffered actions (few, short-lived) likewise.
-        self._keys: set[Key] = {decode_key(raw) for raw in self._stored_keys(_W)}
-        self._buffered: set[Key] = {decode_key(raw) for raw in self._stored_keys(_B)}
+        self._segments: dict[int, dict[Key, WindowRecord]] = {}  # a few decoded segments, oldest first out
+        # Where each stored window is (the segment holding its latest record), how many windows each
+        # segment still holds, and the segment numbers in use: [head, next).
+        self._where: dict[Key, int] = {}
+        for seq, entries in self._scan_segments():
+            for key, record in entries:
+                if record is None:
+                    self._where.pop(key, None)
+                else:
+                    self._where[key] = seq
+        self._live: dict[int, int] = {}
+        for seq in self._where.values():
+            self._live[seq] = self._live.get(seq, 0) + 1
+        stored = [seq for seq, _ in self._scan_segments(decode=False)]
+        self._head = stored[0] if stored else 1
+        self._next_segment = stored[-1] + 1 if stored else 1
+        if next(self._scan(_LEGACY_W, overlay=False), None) is not None:
+            raise RuntimeError(f"{path} holds join state in an older layout (one key per window); start afresh")
+        # Keys with buffered actions (few, short-lived): an impression of any other key needs no read.
+        self._buffered: set[Key] = {decode_key(raw[len(_B) :]) for raw, _ in self._scan(_B, overlay=False)}
         meta = self.load_meta()
         # Windows are stored open and not written again when they close: a stored window whose close is
         # at or before the committed watermark is closed (see ``close_window``).
         self._closed_through: int | None = meta.watermark_ms if meta else None
-
-    def _stored_keys(self, prefix: bytes) -> list[bytes]:
-        it = self._open_db().iter()
-        it.seek(prefix)
-        keys = []
-        while it.valid() and (key := it.key()).startswith(prefix):
-            keys.append(key[len(prefix) :])
-            it.next()
-        del it  # an open iterator pins the DB
-        return keys
 
     def _read(self, key: bytes) -> bytes | object | None:
         if key in self._pending:
@@ -442,14 +453,35 @@ class RocksJoinState(JoinState):
             return record
         if (record := self._recent.get(key)) is not None:
             return record
-        if key not in self._keys:
+        seq = self._where.get(key)
+        if seq is None:
             return None
-        value = self._open_db().get(_W + encode_key(key))
-        return None if value is None else _decode_window(value, key, self._closed_through)
+        record = self._segment(seq)[key]
+        through = self._closed_through
+        if not record.closed and through is not None and record.close_ms <= through:
+            # What closing it did (see ``close_window``).
+            record = WindowRecord(
+                record.impression, record.close_ms, record.labels, record.types, record.version or 1, True
+            )
+        return record
+
+    def _segment(self, seq: int) -> dict[Key, WindowRecord]:
+        """The windows of segment ``seq`` as stored (the latest record of each key in it)."""
+        windows = self._segments.get(seq)
+        if windows is None:
+            windows = {}
+            for key, record in _decode_segment(self._open_db()[_S + _i64(seq)]):
+                if record is None:
+                    windows.pop(key, None)
+                else:
+                    windows[key] = record
+            if len(self._segments) >= _CACHED_SEGMENTS:
+                del self._segments[next(iter(self._segments))]
+            self._segments[seq] = windows
+        return windows
 
     def put_window(self, key: Key, record: WindowRecord) -> None:
         self._pending_windows[key] = record
-        self._keys.add(key)
 
     def close_window(self, key: Key, record: WindowRecord) -> None:
         if key in self._pending_windows:
@@ -462,7 +494,6 @@ class RocksJoinState(JoinState):
 
     def delete_window(self, key: Key) -> None:
         self._pending_windows[key] = None
-        self._keys.discard(key)
 
     def get_buffer(self, key: Key) -> tuple[ActionEvent, ...]:
         if key not in self._buffered:
@@ -478,18 +509,16 @@ class RocksJoinState(JoinState):
         self._pending[_B + encode_key(key)] = tuple(actions) or None
 
     def windows(self) -> Iterator[tuple[Key, int, bool]]:
-        entries: dict[Key, object] = {decode_key(k[len(_W) :]): v for k, v in self._scan(_W, overlay=False)}
-        entries.update(self._pending_windows)
         through = self._closed_through
-        for key in sorted(entries, key=encode_key):
-            value = entries[key]
-            if isinstance(value, bytes) and (cached := self._recent.get(key)) is not None:
-                value = cached  # closed since the last commit, or the decoded stored record
-            if isinstance(value, bytes):  # only the header: close time and the closed flag
-                fields = _WINDOW.unpack_from(value)
-                yield key, fields[3], bool(fields[10]) or (through is not None and fields[3] <= through)
-            elif value is not None:
-                yield key, value.close_ms, value.closed
+        for seq, entries in self._scan_segments():
+            for key, record in entries:
+                if record is None or self._where.get(key) != seq or key in self._pending_windows:
+                    continue  # deleted or written again later, or changed since the last commit
+                record = self._recent.get(key, record)  # closed since the last commit
+                yield key, record.close_ms, record.closed or (through is not None and record.close_ms <= through)
+        for key, record in list(self._pending_windows.items()):
+            if record is not None:
+                yield key, record.close_ms, record.closed
 
     def buffers(self) -> Iterator[tuple[Key, tuple[ActionEvent, ...]]]:
         for db_key, value in self._scan(_B):
@@ -498,7 +527,7 @@ class RocksJoinState(JoinState):
             if actions:
                 yield key, actions
 
-    def _scan(self, prefix: bytes, *, overlay: bool = True) -> list[tuple[bytes, object]]:
+    def _scan(self, prefix: bytes, *, overlay: bool = True) -> Iterator[tuple[bytes, object]]:
         """(key, value) of every stored key with prefix, the uncommitted overlay applied, in key order."""
         entries = {key: value for key, value in self._pending.items() if key.startswith(prefix)} if overlay else {}
         it = self._open_db().iter()
@@ -507,7 +536,13 @@ class RocksJoinState(JoinState):
             entries.setdefault(it.key(), it.value())
             it.next()
         del it  # an open iterator pins the DB
-        return sorted(entries.items())
+        return iter(sorted(entries.items()))
+
+    def _scan_segments(self, *, decode: bool = True) -> Iterator[tuple[int, list]]:
+        """(seq, [(key, record or None for a deletion)]) of every stored segment, oldest first."""
+        for db_key, value in self._scan(_S, overlay=False):
+            seq = int.from_bytes(db_key[len(_S) :], "big") - _OFFSET
+            yield seq, list(_decode_segment(value)) if decode else []
 
     def load_meta(self) -> JoinMeta | None:
         value = self._read(_META)
@@ -528,23 +563,43 @@ class RocksJoinState(JoinState):
     def commit(self) -> None:
         db = self._open_db()
         batch = WriteBatch(raw_mode=True)
-        recent = self._recent
-        put, delete = batch.put, batch.delete
+        recent, where, live = self._recent, self._where, self._live
+        seq = self._next_segment
+        parts: list[bytes] = []
+        written = 0
         for key, record in self._pending_windows.items():
-            db_key = _W + encode_key(key)
+            old = where.get(key)
+            if old is not None:
+                live[old] -= 1
             recent.pop(key, None)
             if record is None:
-                delete(db_key)
+                if old is not None:  # else never stored
+                    del where[key]
+                    parts.append(_deletion(key))
             else:
-                put(db_key, _encode_window(record))
+                where[key] = seq
+                parts.append(_entry(key, record))
                 recent[key] = record
+                written += 1
+        if parts:
+            batch.put(_S + _i64(seq), b"".join(parts))
+            live[seq] = written
+            self._next_segment += 1
+        # A segment is dropped once no window lives in it and every older one is gone (its deletions
+        # then shadow nothing). Windows live from their impression to close + retention, so the head
+        # follows the watermark.
+        while self._head < self._next_segment and not live.get(self._head):
+            batch.delete(_S + _i64(self._head))
+            live.pop(self._head, None)
+            self._segments.pop(self._head, None)
+            self._head += 1
         for key, value in self._pending.items():
             if value is None:
-                delete(key)
+                batch.delete(key)
                 if key.startswith(_B):
                     self._buffered.discard(decode_key(key[len(_B) :]))
             else:
-                put(key, _encode(key, value))
+                batch.put(key, _encode(key, value))
         if len(batch):
             db.write(batch, self._write_opts)
         meta = self._pending.get(_META)
@@ -561,6 +616,7 @@ class RocksJoinState(JoinState):
         self._pending_windows.clear()
         self._pending.clear()
         self._recent.clear()
+        self._segments.clear()
         self._db.close()
         self._db = None
 
@@ -571,40 +627,23 @@ class RocksJoinState(JoinState):
 
 
 _ABSENT = object()
+_CACHED_SEGMENTS = 16
 
 
 _WINDOW = struct.Struct("<qiqq4dBIBH")  # user, position, event time, close, labels, types, version, closed, n ctx
 _ACTION = struct.Struct("<Bdq")  # type, value, event time
 _LEN = struct.Struct("<H")
 _TYPES_OF_MASK = [frozenset(t for t in ActionType if mask >> t & 1) for mask in range(1 << (max(ActionType) + 1))]
+_MASK_OF_TYPES = {types: mask for mask, types in enumerate(_TYPES_OF_MASK) if not mask & 1}
 
 
 def _encode(key: bytes, value: object) -> bytes:
-    """Bytes of an outbox entry, buffered actions or the meta (``commit`` encodes windows itself)."""
+    """Bytes of an outbox entry, buffered actions or the meta (windows go into segments: ``_entry``)."""
     if key.startswith(_O):
         return value
     if key.startswith(_B):
         return b"".join(_ACTION.pack(a.type, a.value, a.event_time_ms) for a in value)
     return json.dumps(_shallow_fields(value)).encode()  # JoinMeta, once per commit
-
-
-def _encode_window(record: WindowRecord) -> bytes:
-    imp = record.impression
-    mask = 0
-    for t in record.types:
-        mask |= 1 << t
-    head = _WINDOW.pack(
-        imp.user_id,
-        imp.position,
-        imp.event_time_ms,
-        record.close_ms,
-        *record.labels,
-        mask,
-        record.version,
-        record.closed,
-        len(imp.context),
-    )
-    return head + _encode_context(imp.context) if imp.context else head
 
 
 @lru_cache(maxsize=1 << 14)
@@ -618,12 +657,13 @@ def _encode_context(context: tuple[tuple[str, str], ...]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_window(raw: bytes, key: Key, closed_through: int | None) -> WindowRecord:
-    """The record stored for key; closed if it was stored closed or closes at or before ``closed_through``."""
-    user, position, event_ms, close_ms, l0, l1, l2, l3, mask, version, closed, n_ctx = _WINDOW.unpack_from(raw)
-    if not closed and closed_through is not None and close_ms <= closed_through:
-        closed, version = True, version or 1  # what closing it did (see ``RocksJoinState.close_window``)
-    offset, context = _WINDOW.size, []
+def _decode_window(raw: bytes, key: Key, offset: int = 0) -> tuple[WindowRecord, int]:
+    """The record stored for key at ``raw[offset:]`` (closed as stored), and the offset after it."""
+    user, position, event_ms, close_ms, l0, l1, l2, l3, mask, version, closed, n_ctx = _WINDOW.unpack_from(
+        raw, offset
+    )
+    offset += _WINDOW.size
+    context = []
     for _ in range(n_ctx):
         pair = []
         for _ in range(2):
@@ -632,7 +672,7 @@ def _decode_window(raw: bytes, key: Key, closed_through: int | None) -> WindowRe
             pair.append(raw[offset : offset + size].decode())
             offset += size
         context.append(tuple(pair))
-    return WindowRecord(
+    record = WindowRecord(
         ImpressionEvent(key[0], user, key[1], position, event_ms, tuple(context)),
         close_ms,
         (l0, l1, l2, l3),
@@ -640,6 +680,55 @@ def _decode_window(raw: bytes, key: Key, closed_through: int | None) -> WindowRe
         version,
         bool(closed),
     )
+    return record, offset
+
+
+_PUT, _DELETE = 1, 0
+_ENTRY = struct.Struct("<BH")  # tag, key length
+
+
+def _entry(key: Key, record: WindowRecord) -> bytes:
+    """A segment entry storing key's window: tag, key length, key, then the record (``_WINDOW`` header and
+    the context as length-prefixed UTF-8 pairs)."""
+    raw_key = encode_key(key)
+    imp = record.impression
+    context = imp.context
+    l0, l1, l2, l3 = record.labels
+    head = _WINDOW.pack(
+        imp.user_id,
+        imp.position,
+        imp.event_time_ms,
+        record.close_ms,
+        l0,
+        l1,
+        l2,
+        l3,
+        _MASK_OF_TYPES[record.types],
+        record.version,
+        record.closed,
+        len(context),
+    )
+    return b"".join((_ENTRY.pack(_PUT, len(raw_key)), raw_key, head, _encode_context(context) if context else b""))
+
+
+def _deletion(key: Key) -> bytes:
+    raw_key = encode_key(key)
+    return _ENTRY.pack(_DELETE, len(raw_key)) + raw_key
+
+
+def _decode_segment(raw: bytes) -> Iterator[tuple[Key, WindowRecord | None]]:
+    """The entries of a segment in order: (key, record), or (key, None) for a deletion."""
+    offset, end = 0, len(raw)
+    while offset < end:
+        tag, size = _ENTRY.unpack_from(raw, offset)
+        offset += _ENTRY.size
+        key = decode_key(raw[offset : offset + size])
+        offset += size
+        if tag == _DELETE:
+            yield key, None
+        else:
+            record, offset = _decode_window(raw, key, offset)
+            yield key, record
 
 
 def _decode_actions(raw: bytes, key: Key) -> tuple[ActionEvent, ...]:

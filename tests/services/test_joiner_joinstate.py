@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rocksdict import Options, Rdict
 
 from services.joiner.eventjoin import EventJoin, JoinConfig
 from services.joiner.joinstate import (
@@ -209,13 +210,13 @@ def _order(t: Timer) -> tuple:
     return (t.at_ms, t.kind, t.key[1], t.key[0].encode())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_ops)
-def test_rocks_state_behaves_like_a_dict_model_across_commits_crashes_and_reopens(ops):
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ops, st.sampled_from([0, 1, 1 << 18]))
+def test_rocks_state_behaves_like_a_dict_model_across_commits_crashes_and_reopens(ops, cached):
     model: dict = {"w": {}, "b": {}, "t": set()}
     committed = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as path:
-        open_state: Callable[[], RocksJoinState] = lambda: RocksJoinState(path)  # noqa: E731
+        open_state: Callable[[], RocksJoinState] = lambda: RocksJoinState(path, cached_windows=cached)  # noqa: E731
         s = open_state()
         try:
             for op in ops:
@@ -276,3 +277,56 @@ def test_event_join_reopened_on_rocks_rebuilds_close_forget_and_orphan_timers(tm
         fired = join.on_impression(ImpressionEvent("last", 1, 5, 0, 215))  # CLOSE "open", ORPHAN "early"
         assert [x.sample_id for x in fired] == ["open:3:v1"]
         assert join.counters["orphan_actions"] == 1
+
+
+def stored_segments(path: str) -> int:
+    db = Rdict(path, Options(raw_mode=True))
+    try:
+        return sum(1 for key in db.keys() if key.startswith(b"s/"))
+    finally:
+        db.close()
+
+
+def test_segments_are_dropped_once_every_window_written_in_them_is_deleted_or_written_again(tmp_path: Path):
+    path = str(tmp_path / "join")
+    keys = [(f"r{i}", i) for i in range(6)]
+    with RocksJoinState(path, cached_windows=0) as s:
+        for round_ in range(3):  # one segment per commit
+            for key in keys[2 * round_ : 2 * round_ + 2]:
+                s.put_window(key, record(key, 1))
+            s.commit()
+        s.put_window(keys[0], record(keys[0], 2))  # written again: now in the fourth segment
+        s.delete_window(keys[1])
+        s.delete_window(keys[4])  # the third segment keeps keys[5]: the second and third stay
+        s.commit()
+    assert stored_segments(path) == 4 - 1
+    with RocksJoinState(path, cached_windows=0) as s:
+        assert [s.get_window(k) for k in keys] == [
+            record(keys[0], 2),
+            None,
+            *[record(k, 1) for k in keys[2:4]],
+            None,
+            record(keys[5], 1),
+        ]
+        for key in keys:
+            s.delete_window(key)
+        s.commit()
+    assert stored_segments(path) == 0
+    with RocksJoinState(path) as s:
+        assert list(s.windows()) == [] and [s.get_window(k) for k in keys] == [None] * 6
+
+
+def test_rocks_state_reads_a_window_closed_by_the_committed_watermark_as_closed(tmp_path: Path):
+    path = str(tmp_path / "join")
+    key = KEYS[0]
+    open_record = WindowRecord(ImpressionEvent(key[0], 5, key[1], 1, 10, ()), close_ms=110)
+    with RocksJoinState(path, cached_windows=0) as s:
+        s.put_window(key, open_record)
+        s.save_meta(JoinMeta(watermark_ms=100))
+        s.commit()
+        s.close_window(key, open_record._replace(version=1, closed=True))
+        s.save_meta(JoinMeta(watermark_ms=110))
+        s.commit()
+    with RocksJoinState(path, cached_windows=0) as s:
+        assert s.get_window(key) == open_record._replace(version=1, closed=True)
+        assert list(s.windows()) == [(key, 110, True)]
