@@ -7,7 +7,12 @@
 - ``join_latency_p99_ms``: clients publish requests (5 impressions, a click on about 1 in 4
   impressions) at a sustained ``--rate`` events/s, flushing their batches every few milliseconds;
   for each click, the time from its publish to its sample being stored in the SAMPLES stream (seen
-  by a subscriber on ``samples.>``), p50 / p99, plus the rate actually sustained.
+  by a subscriber on ``samples.>``), p50 / p99, plus the rate actually sustained and the joiner
+  process's CPU seconds per event over the run (``joiner_cpu_us_per_event``, from /proc).
+- ``join_cpu_us_per_event``: the joiner's own work per event measured in-process, without NATS: the
+  messages the 20,000 events/s load would publish are decoded, joined, featurised, staged and committed
+  on a RocksDB state, one message per step, by the service's own functions; CPU time (best of three
+  runs) divided by events. Less sensitive to a busy machine than the latency figures.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from freshet.eventlog import EventPublisher
 from freshet.events.v1 import events_pb2
 from freshet.natsserver import EmbeddedNats
 from freshet.samples.v1 import samples_pb2
+from services.joiner.config import JoinerConfig
+from services.joiner.service import PartitionJoin, message_events
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ITEMS_PER_REQUEST = 5
@@ -164,6 +171,56 @@ async def drain(server_url: str, tmp: str, batched: bool, requests: int) -> dict
     return {"events": events, "events_per_s": events / (finished - started)}
 
 
+def load_payloads(
+    events: int, rate: float = 20_000, flush_ms: int = 5, base_ms: int = 1_700_000_000_000
+) -> list[bytes]:
+    """The EventBatch messages ``sustained_load`` publishes for ``events`` events at ``rate`` (event times
+    advancing with the flushes)."""
+    payloads, i, published, t = [], 0, 0, base_ms
+    per_message = int(rate * flush_ms / 1000)
+    while published < events:
+        batch = events_pb2.EventBatch()
+        while len(batch.events) < per_message:
+            add_request(batch, i, t)
+            i += 1
+        published += len(batch.events)
+        payloads.append(batch.SerializeToString())
+        t += flush_ms
+    return payloads
+
+
+def join_cpu(events: int, repeats: int = 3) -> dict:
+    """CPU per event of the joiner's work on one message per step (decode, join, stage, commit), in-process."""
+    payloads = load_payloads(events)
+    n = 0
+    best = float("inf")
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            config = JoinerConfig(window_s=1.0, allowed_lateness_s=0.1, idle_timeout_s=0.5, state_dir=tmp)
+            part = PartitionJoin(0, config)
+            n = 0
+            start = time.process_time()
+            for data in payloads:
+                joined, _ = message_events("events.batch.0", data)
+                n += len(joined)
+                produced = part.join.on_events(joined)
+                produced += part.join.advance(bus.now_ms())
+                for seq, _, _ in part.stage(produced):
+                    part.join.output_delivered(seq)  # as the delivery worker does once JetStream acknowledged
+            best = min(best, time.process_time() - start)
+            part.state.close()
+    return {"join_cpu_events": n, "join_cpu_us_per_event": best / n * 1e6}
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (None where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_joiner(server_url: str, state_dir: str) -> subprocess.Popen:
     env = {
         **os.environ,
@@ -193,7 +250,9 @@ async def latency_at(server_url: str, tmp: str, rate: float, seconds: float) -> 
     try:
         await publish_backlog(js, 10, bus.now_ms(), batched=True, first=first)  # warm-up: joiner up
         await counter.wait_for(1, timeout_s=60)
+        cpu_before = process_cpu_s(proc.pid)
         load = await sustained_load(js, counter, rate, seconds, first=first + 100)
+        cpu_after = process_cpu_s(proc.pid)
         deadline = time.monotonic() + 30
         while counter.watch and time.monotonic() < deadline:  # noqa: ASYNC110 - polling the last clicks
             await asyncio.sleep(0.01)
@@ -208,10 +267,14 @@ async def latency_at(server_url: str, tmp: str, rate: float, seconds: float) -> 
         "latency_missing": len(counter.watch),
         "join_latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "join_latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "joiner_cpu_us_per_event": (
+            (cpu_after - cpu_before) / load["load_events"] * 1e6 if cpu_before is not None else None
+        ),
     }
 
 
-async def run(requests: int, single_requests: int, rates: list[float], seconds: float) -> dict:
+async def run(requests: int, single_requests: int, rates: list[float], seconds: float, cpu_events: int) -> dict:
+    cpu = join_cpu(cpu_events)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(store_dir=os.path.join(tmp, "js")) as server:
         single = await drain(server.url, tmp, batched=False, requests=single_requests)
         batched = await drain(server.url, tmp, batched=True, requests=requests)
@@ -223,6 +286,8 @@ async def run(requests: int, single_requests: int, rates: list[float], seconds: 
         "single_event_messages_per_s": single["events_per_s"],
         "join_latency_p50_ms": target["join_latency_p50_ms"],
         "join_latency_p99_ms": target["join_latency_p99_ms"],
+        "joiner_cpu_us_per_event": target["joiner_cpu_us_per_event"],
+        **cpu,
         "latency_runs": runs,
     }
 
@@ -235,9 +300,10 @@ def main() -> int:
         "--rates", default="5000,10000,15000,20000", help="events/s of the latency runs, comma separated"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each latency run")
+    parser.add_argument("--cpu-events", type=int, default=60_000, help="events of the in-process CPU measure")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
-    report = asyncio.run(run(args.requests, args.single_requests, rates, args.seconds))
+    report = asyncio.run(run(args.requests, args.single_requests, rates, args.seconds, args.cpu_events))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "joiner.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
@@ -246,13 +312,20 @@ def main() -> int:
         f"| events/s, one joiner, backlog of {report['events']:,} events in EventBatch messages"
         f" | {report['events_per_s']:,.0f} | ≥ 20,000 |",
         f"| events/s, same with one event per message | {report['single_event_messages_per_s']:,.0f} | |",
+        f"| CPU µs per event of the join in-process (decode, join, stage, commit) | "
+        f"{report['join_cpu_us_per_event']:.1f} | |",
     ]
     for r in report["latency_runs"]:
-        p50, p99 = r["join_latency_p50_ms"], r["join_latency_p99_ms"]
+        p50, p99, cpu = r["join_latency_p50_ms"], r["join_latency_p99_ms"], r["joiner_cpu_us_per_event"]
         lines.append(
             f"| join latency p50 / p99 at {r['sustained_events_per_s']:,.0f} events/s sustained"
             f" (clicks lost: {r['latency_missing']}) | {p50:.1f} / {p99:.1f} ms | p99 ≤ 50 ms at 20,000 |"
         )
+        if cpu is not None:
+            lines.append(
+                f"| joiner process CPU µs per event at {r['sustained_events_per_s']:,.0f} events/s"
+                f" (share of a core) | {cpu:.1f} ({cpu * r['sustained_events_per_s'] / 1e4:.0f} %) | |"
+            )
     table = "\n".join(lines)
     (RESULTS / "joiner.md").write_text(table + "\n")
     print(table)

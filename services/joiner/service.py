@@ -137,6 +137,31 @@ def batch_events(
     return events, bad
 
 
+def message_events(
+    subject: str, data: bytes
+) -> tuple[list[ImpressionEvent | ActionEvent], list[tuple[int, bytes, str]]]:
+    """The events of a message on ``subject``, and (index, bytes, reason) for each bad entry of a batch.
+
+    Raises ``bus.Reject`` when the whole message is unusable (unknown subject, undecodable, or a
+    single event that violates the schema).
+    """
+    kind = subject.split(".")[1] if subject.count(".") >= 1 else ""
+    single = {"impressions": events_pb2.Impression, "actions": events_pb2.Action}.get(kind)
+    if single is not None:
+        try:
+            return [parse_event(single.FromString(data))], []
+        except DecodeError as exc:
+            raise bus.Reject(f"cannot decode {single.DESCRIPTOR.name}: {exc}") from None
+    if kind != "batch":
+        raise bus.Reject(f"unknown event subject {subject!r}")
+    try:
+        batch = events_pb2.EventBatch.FromString(data)
+    except DecodeError as exc:
+        raise bus.Reject(f"cannot decode EventBatch: {exc}") from None
+    events, bad = batch_events(batch)
+    return events, [(index, batch.events[index].SerializeToString(), reason) for index, reason in bad]
+
+
 class PartitionJoin:
     """The join of one event partition: its own consumer, join state and watermark."""
 
@@ -145,6 +170,7 @@ class PartitionJoin:
         state_dir = str(Path(config.state_dir) / f"p{partition}") if config.state_dir else ""
         self.state = RocksJoinState(state_dir) if state_dir else MemoryJoinState()
         self.join = EventJoin(config.join_config(), self.state)
+        self.samples_per_message = config.samples_per_message
         self.lock = asyncio.Lock()  # one join step (join, stage, commit) at a time
         # Staged outputs waiting to be published, in outbox order: (staged, parent headers, inputs to ack).
         self.deliveries: asyncio.Queue = asyncio.Queue(maxsize=8)
@@ -156,6 +182,20 @@ class PartitionJoin:
             max_ack_pending=max(10_000, 4 * config.fetch_batch),
             max_deliver=-1,  # failures here are publish/state failures, never the event's fault
         )
+
+    def stage(self, produced: list[JoinedSample]) -> list[tuple[int, bytes, int]]:
+        """Encodes the samples as messages in the outbox and commits them with the join state.
+
+        Returns (outbox seq, message, samples) per message.
+        """
+        size = self.samples_per_message
+        staged = []
+        for i in range(0, len(produced), size):
+            chunk = produced[i : i + size]
+            data = encode_sample_arrays(joined_arrays(chunk))
+            staged.append((self.join.stage_output(data), data, len(chunk)))
+        self.join.commit()
+        return staged
 
 
 class JoinerService(NatsMixin, Service):
@@ -226,35 +266,13 @@ class JoinerService(NatsMixin, Service):
         for part in self.partitions:
             part.state.close()
 
-    def _events(self, msg: Msg) -> tuple[list[ImpressionEvent | ActionEvent], list[tuple[int, bytes, str]]]:
-        """The events of a message, and (index, bytes, reason) for each bad entry of a batch.
-
-        Raises ``bus.Reject`` when the whole message is unusable (unknown subject, undecodable, or a
-        single event that violates the schema).
-        """
-        kind = msg.subject.split(".")[1] if msg.subject.count(".") >= 1 else ""
-        single = {"impressions": events_pb2.Impression, "actions": events_pb2.Action}.get(kind)
-        if single is not None:
-            try:
-                return [parse_event(single.FromString(msg.data))], []
-            except DecodeError as exc:
-                raise bus.Reject(f"cannot decode {single.DESCRIPTOR.name}: {exc}") from None
-        if kind != "batch":
-            raise bus.Reject(f"unknown event subject {msg.subject!r}")
-        try:
-            batch = events_pb2.EventBatch.FromString(msg.data)
-        except DecodeError as exc:
-            raise bus.Reject(f"cannot decode EventBatch: {exc}") from None
-        events, bad = batch_events(batch)
-        return events, [(index, batch.events[index].SerializeToString(), reason) for index, reason in bad]
-
     async def _on_batch(self, part: PartitionJoin, msgs: list[Msg]) -> list[bus.Outcome]:
         async with part.lock:
             outcomes, produced, parents = [], [], []
             join = part.join
             for msg in msgs:
                 try:
-                    events, bad = self._events(msg)
+                    events, bad = message_events(msg.subject, msg.data)
                 except bus.Reject as rej:
                     await part.loop.reject(msg, rej.reason)
                     self.invalid_events += 1
@@ -272,7 +290,7 @@ class JoinerService(NatsMixin, Service):
                     parents.append(msg.headers)
                 outcomes.append(bus.Outcome.ACK)
             produced += join.advance(bus.now_ms())
-            staged = self._stage(part, produced)
+            staged = part.stage(produced)
         # The samples are committed in the outbox: the delivery worker publishes them in order and
         # acknowledges these inputs after JetStream has acknowledged the samples; meanwhile the next
         # batch is joined. A full queue holds the consumer back (back-pressure).
@@ -290,7 +308,7 @@ class JoinerService(NatsMixin, Service):
             drained = await self._drained(part)
             async with part.lock:
                 fired = part.join.advance(bus.now_ms(), input_drained=drained)
-                staged = self._stage(part, fired) if fired else []
+                staged = part.stage(fired) if fired else []
             if staged:
                 await part.deliveries.put((staged, [], []))
 
@@ -301,20 +319,6 @@ class JoinerService(NatsMixin, Service):
         except (NotFoundError, nats.errors.Error):
             return True  # not created yet, or NATS unreachable: the clock decides, as without this check
         return info.num_pending == 0
-
-    def _stage(self, part: PartitionJoin, produced: list[JoinedSample]) -> list[tuple[int, bytes, int]]:
-        """Encodes the samples as messages in the outbox and commits them with the join state.
-
-        Returns (outbox seq, message, samples) per message.
-        """
-        size = self.config.samples_per_message
-        staged = []
-        for i in range(0, len(produced), size):
-            chunk = produced[i : i + size]
-            data = encode_sample_arrays(joined_arrays(chunk))
-            staged.append((part.join.stage_output(data), data, len(chunk)))
-        part.join.commit()
-        return staged
 
     async def _deliver_forever(self, part: PartitionJoin) -> None:
         """Publishes staged samples in outbox order, then acknowledges the inputs that produced them.
