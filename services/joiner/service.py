@@ -99,6 +99,9 @@ def parse_event(proto: events_pb2.Impression | events_pb2.Action) -> ImpressionE
         raise bus.Reject(str(exc)) from None
 
 
+_new = tuple.__new__  # a named tuple from ALL its fields, without its Python-level __new__ (faster)
+
+
 def batch_events(
     batch: events_pb2.EventBatch,
 ) -> tuple[list[ImpressionEvent | ActionEvent], list[tuple[int, str]]]:
@@ -116,17 +119,14 @@ def batch_events(
             request, user, item, position = m.request_id, m.user_id, m.item_id, m.position
             if request and user >= 0 and item >= 0 and position >= 0:
                 context = m.context
-                events.append(
-                    ImpressionEvent(
-                        request, user, item, position, m.event_time_ms, context_pairs(context) if context else ()
-                    )
-                )
+                context = context_pairs(context) if context else ()
+                events.append(_new(ImpressionEvent, (request, user, item, position, m.event_time_ms, context)))
                 continue
         elif which == "action":
             m = entry.action
             request, item, kind = m.request_id, m.item_id, action_types.get(m.type)
             if request and item >= 0 and kind is not None:
-                events.append(ActionEvent(request, item, kind, m.value, m.event_time_ms))
+                events.append(_new(ActionEvent, (request, item, kind, m.value, m.event_time_ms)))
                 continue
         try:
             if which is None:
