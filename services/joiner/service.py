@@ -175,6 +175,7 @@ class PartitionJoin:
         # Staged outputs waiting to be published, in outbox order: (staged, parent headers, inputs to ack).
         self.deliveries: asyncio.Queue = asyncio.Queue(maxsize=8)
         self.loop: bus.PullLoop | None = None
+        self.deliverer: asyncio.Task | None = None
         self.spec = bus.ConsumerSpec(
             stream=bus.EVENTS.name,
             durable=f"{config.durable}-p{partition}",
@@ -243,7 +244,7 @@ class JoinerService(NatsMixin, Service):
             self.spawn(part.loop.run(self.stopping), f"joiner-consume-p{part.partition}")
             self.spawn(self._tick_forever(part), f"joiner-tick-p{part.partition}")
             # Drains its queue on shutdown before exiting; what it cannot publish stays in the outbox.
-            self.spawn(self._deliver_forever(part), f"joiner-deliver-p{part.partition}")
+            part.deliverer = self.spawn(self._deliver_forever(part), f"joiner-deliver-p{part.partition}")
 
     async def _resume_in_order(self, spec: bus.ConsumerSpec) -> bus.ConsumerSpec:
         """Restarts the consumer right after its ack floor, so un-acked events come back first and in order.
@@ -325,30 +326,44 @@ class JoinerService(NatsMixin, Service):
 
         In order, because a restart recovers the outbox from the last message of ``samples.<p>``. A
         failed publish is retried (same message id) until it succeeds or the joiner stops; what is
-        left then stays in the outbox for the next start.
+        left then stays in the outbox for the next start. Returns at the ``None`` that ``_before_drain``
+        queues on shutdown, after delivering what is queued by then.
         """
-        while not (self.stopping.is_set() and part.deliveries.empty()):
-            try:
-                staged, parents, acked = await asyncio.wait_for(part.deliveries.get(), timeout=0.1)
-            except TimeoutError:
-                continue
-            try:
-                contexts = [telemetry.extract_headers(h) for h in parents]
-                # The first event that produced samples is the parent, so its trace continues through
-                # training; the other events of the batch are linked.
-                with tracer.start_as_current_span(
-                    "join_batch",
-                    context=contexts[0] if contexts else None,
-                    links=telemetry.links_from(parents[1:]),
-                    attributes={"samples": sum(n for _, _, n in staged), "partition": part.partition},
-                ):
-                    for seq, data, n in staged:
-                        await self._deliver(part, seq, data)
-                        self.samples_published += n
-                for msg in acked:
-                    await msg.ack()
-            finally:
-                part.deliveries.task_done()
+        queue = part.deliveries
+        while (item := await queue.get()) is not None:
+            await self._deliver_staged(part, *item)
+        while not queue.empty():
+            if (item := queue.get_nowait()) is not None:
+                await self._deliver_staged(part, *item)
+
+    async def _before_drain(self) -> None:
+        for part in self.partitions:
+            if part.deliverer is not None and not part.deliverer.done():
+                await part.deliveries.put(None)  # waits only while the worker, still running, catches up
+
+    async def _deliver_staged(
+        self, part: PartitionJoin, staged: list[tuple[int, bytes, int]], parents: list, acked: list[Msg]
+    ) -> None:
+        # The first input carrying a trace is the parent, so its trace continues through training; the
+        # others are linked. Without any, there is nothing to continue and no span (a span costs about as
+        # much as publishing the samples).
+        traced = [headers for headers in parents if telemetry.links_from([headers])]
+        if traced:
+            with tracer.start_as_current_span(
+                "join_batch",
+                context=telemetry.extract_headers(traced[0]),
+                links=telemetry.links_from(traced[1:]),
+                attributes={"samples": sum(n for _, _, n in staged), "partition": part.partition},
+            ):
+                for seq, data, n in staged:
+                    await self._deliver(part, seq, data)
+                    self.samples_published += n
+        else:
+            for seq, data, n in staged:
+                await self._deliver(part, seq, data)
+                self.samples_published += n
+        for msg in acked:
+            await msg.ack()
 
     async def _deliver(self, part: PartitionJoin, seq: int, data: bytes) -> None:
         delay = 0.05
