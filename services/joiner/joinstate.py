@@ -43,12 +43,12 @@ the same in every run.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field, is_dataclass
-from dataclasses import fields as dataclass_fields
+from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import lru_cache
 from types import TracebackType
@@ -451,11 +451,11 @@ class RocksJoinState(JoinState):
         record = self._pending_windows.get(key, _ABSENT)
         if record is not _ABSENT:
             return record
-        if (record := self._recent.get(key)) is not None:
-            return record
         seq = self._where.get(key)
         if seq is None:
-            return None
+            return None  # not stored (the cache holds stored windows only): most impressions' keys
+        if (record := self._recent.get(key)) is not None:
+            return record
         record = self._segment(seq)[key]
         through = self._closed_through
         if not record.closed and through is not None and record.close_ms <= through:
@@ -605,8 +605,10 @@ class RocksJoinState(JoinState):
         meta = self._pending.get(_META)
         if meta is not None:
             self._closed_through = meta.watermark_ms
-        for _ in range(len(recent) - self._cached_windows):
-            del recent[next(iter(recent))]
+        if len(recent) > self._cached_windows + self._cached_windows // 4:
+            # Keep the newest: one rebuild per quarter of the cache written (deleting entries one by one
+            # from the front of a dict makes every later front lookup skip them, a linear scan each).
+            self._recent = dict(itertools.islice(recent.items(), len(recent) - self._cached_windows, None))
         self._pending_windows.clear()
         self._pending.clear()
 
@@ -643,7 +645,7 @@ def _encode(key: bytes, value: object) -> bytes:
         return value
     if key.startswith(_B):
         return b"".join(_ACTION.pack(a.type, a.value, a.event_time_ms) for a in value)
-    return json.dumps(_shallow_fields(value)).encode()  # JoinMeta, once per commit
+    return json.dumps(vars(value), separators=(",", ":")).encode()  # JoinMeta (flat), once per commit
 
 
 @lru_cache(maxsize=1 << 14)
@@ -735,12 +737,3 @@ def _decode_actions(raw: bytes, key: Key) -> tuple[ActionEvent, ...]:
     return tuple(
         ActionEvent(key[0], key[1], ActionType(kind), value, at) for kind, value, at in _ACTION.iter_unpack(raw)
     )
-
-
-def _shallow_fields(value: object) -> dict:
-    """Like ``dataclasses.asdict`` but without its deep copies."""
-    out = {}
-    for f in dataclass_fields(value):
-        item = getattr(value, f.name)
-        out[f.name] = _shallow_fields(item) if is_dataclass(item) else item
-    return out

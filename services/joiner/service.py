@@ -168,7 +168,9 @@ class PartitionJoin:
     def __init__(self, partition: int, config: JoinerConfig) -> None:
         self.partition = partition
         state_dir = str(Path(config.state_dir) / f"p{partition}") if config.state_dir else ""
-        self.state = RocksJoinState(state_dir) if state_dir else MemoryJoinState()
+        self.state = (
+            RocksJoinState(state_dir, cached_windows=config.cached_windows) if state_dir else MemoryJoinState()
+        )
         self.join = EventJoin(config.join_config(), self.state)
         self.samples_per_message = config.samples_per_message
         self.lock = asyncio.Lock()  # one join step (join, stage, commit) at a time
