@@ -419,16 +419,17 @@ class RocksJoinState(JoinState):
         # Where each stored window is (the segment holding its latest record), how many windows each
         # segment still holds, and the segment numbers in use: [head, next).
         self._where: dict[Key, int] = {}
+        stored = []
         for seq, entries in self._scan_segments():
-            for key, record in entries:
-                if record is None:
+            stored.append(seq)
+            for key, close_ms, _ in entries:
+                if close_ms is None:
                     self._where.pop(key, None)
                 else:
                     self._where[key] = seq
         self._live: dict[int, int] = {}
         for seq in self._where.values():
             self._live[seq] = self._live.get(seq, 0) + 1
-        stored = [seq for seq, _ in self._scan_segments(decode=False)]
         self._head = stored[0] if stored else 1
         self._next_segment = stored[-1] + 1 if stored else 1
         if next(self._scan(_LEGACY_W, overlay=False), None) is not None:
@@ -511,11 +512,12 @@ class RocksJoinState(JoinState):
     def windows(self) -> Iterator[tuple[Key, int, bool]]:
         through = self._closed_through
         for seq, entries in self._scan_segments():
-            for key, record in entries:
-                if record is None or self._where.get(key) != seq or key in self._pending_windows:
+            for key, close_ms, closed in entries:
+                if close_ms is None or self._where.get(key) != seq or key in self._pending_windows:
                     continue  # deleted or written again later, or changed since the last commit
-                record = self._recent.get(key, record)  # closed since the last commit
-                yield key, record.close_ms, record.closed or (through is not None and record.close_ms <= through)
+                if (cached := self._recent.get(key)) is not None:
+                    closed = cached.closed  # maybe closed since the last commit
+                yield key, close_ms, closed or (through is not None and close_ms <= through)
         for key, record in list(self._pending_windows.items()):
             if record is not None:
                 yield key, record.close_ms, record.closed
@@ -538,11 +540,11 @@ class RocksJoinState(JoinState):
         del it  # an open iterator pins the DB
         return iter(sorted(entries.items()))
 
-    def _scan_segments(self, *, decode: bool = True) -> Iterator[tuple[int, list]]:
-        """(seq, [(key, record or None for a deletion)]) of every stored segment, oldest first."""
+    def _scan_segments(self) -> Iterator[tuple[int, list[tuple[Key, int | None, bool]]]]:
+        """(seq, [(key, close_ms, closed as stored)]) of every stored segment, oldest first; a deletion has
+        close_ms None. Reads the record headers only."""
         for db_key, value in self._scan(_S, overlay=False):
-            seq = int.from_bytes(db_key[len(_S) :], "big") - _OFFSET
-            yield seq, list(_decode_segment(value)) if decode else []
+            yield int.from_bytes(db_key[len(_S) :], "big") - _OFFSET, list(_segment_headers(value))
 
     def load_meta(self) -> JoinMeta | None:
         value = self._read(_META)
@@ -716,6 +718,24 @@ def _entry(key: Key, record: WindowRecord) -> bytes:
 def _deletion(key: Key) -> bytes:
     raw_key = encode_key(key)
     return _ENTRY.pack(_DELETE, len(raw_key)) + raw_key
+
+
+def _segment_headers(raw: bytes) -> Iterator[tuple[Key, int | None, bool]]:
+    """(key, close_ms, closed as stored) of each entry of a segment, in order; close_ms None: a deletion."""
+    offset, end = 0, len(raw)
+    while offset < end:
+        tag, size = _ENTRY.unpack_from(raw, offset)
+        offset += _ENTRY.size
+        key = decode_key(raw[offset : offset + size])
+        offset += size
+        if tag == _DELETE:
+            yield key, None, False
+            continue
+        fields = _WINDOW.unpack_from(raw, offset)
+        offset += _WINDOW.size
+        for _ in range(2 * fields[11]):  # skip the context's length-prefixed strings
+            offset += _LEN.size + _LEN.unpack_from(raw, offset)[0]
+        yield key, fields[3], bool(fields[10])
 
 
 def _decode_segment(raw: bytes) -> Iterator[tuple[Key, WindowRecord | None]]:
