@@ -266,59 +266,64 @@ class EventJoin:
         schedule, next_due = state.schedule, state.next_due_ms
         window_ms, lateness_ms = self.config.window_ms, self.config.allowed_lateness_ms
         impressions = actions = positives = updates = 0
-        for ev in events:
-            t = ev.event_time_ms
-            wm = self._watermark_ms
-            key = (ev.request_id, ev.item_id)
-            if type(ev) is ImpressionEvent:
-                close = t + window_ms
-                if get_window(key) is not None or (wm is not None and close <= wm) or get_buffer(key):
-                    out += self.on_impression(ev)
-                    continue
-                impressions += 1
-                put_window(key, _new(WindowRecord, (ev, close, _NO_LABELS, _NO_TYPES, 0, False)))
-                schedule(close, TimerKind.CLOSE, key)
-            else:
-                record = get_window(key)
-                if (
-                    record is None
-                    or record.closed
-                    or not record.impression.event_time_ms <= t < record.close_ms
-                    or ev.type in record.types
-                ):
-                    out += self.on_action(ev)
-                    continue
-                actions += 1
-                labels = list(record.labels)
-                labels[ev.type - 1] = float(ev.value) if ev.type == ActionType.DWELL else 1.0
-                version = record.version + 1
-                imp = record.impression
-                joined = _new(
-                    WindowRecord,
-                    (imp, record.close_ms, tuple(labels), _WITH_TYPE[record.types, ev.type], version, False),
-                )
-                if version == 1:
-                    positives += 1
+        try:
+            for ev in events:
+                t = ev.event_time_ms
+                wm = self._watermark_ms
+                key = (ev.request_id, ev.item_id)
+                if type(ev) is ImpressionEvent:
+                    close = t + window_ms
+                    if get_window(key) is not None or (wm is not None and close <= wm) or get_buffer(key):
+                        out += self.on_impression(ev)
+                        continue
+                    impressions += 1
+                    put_window(key, _new(WindowRecord, (ev, close, _NO_LABELS, _NO_TYPES, 0, False)))
+                    schedule(close, TimerKind.CLOSE, key)
                 else:
-                    updates += 1
-                out.append(
-                    _new(JoinedSample, (f"{key[0]}:{key[1]}:v{version}", key, joined[2], version, 1.0, False, imp))
-                )
-                put_window(key, joined)
-            # _observe, inline
-            if self._max_event_ms is None or t > self._max_event_ms:
-                self._max_event_ms = t
-            if wm is None or t - lateness_ms > wm:
-                self._watermark_ms = wm = t - lateness_ms
-            due = next_due()
-            if due is not None and due <= wm:
-                self._fire(out)
-        counters = self.counters
-        counters["impressions"] += impressions
-        counters["actions"] += actions
-        counters["positives"] += positives
-        counters["updates"] += updates
-        self._arrivals += impressions + actions
+                    record = get_window(key)
+                    if (
+                        record is None
+                        or record.closed
+                        or not record.impression.event_time_ms <= t < record.close_ms
+                        or ev.type in record.types
+                    ):
+                        out += self.on_action(ev)
+                        continue
+                    actions += 1
+                    vector = list(record.labels)
+                    vector[ev.type - 1] = float(ev.value) if ev.type == ActionType.DWELL else 1.0
+                    labels = tuple(vector)
+                    version = record.version + 1
+                    imp = record.impression
+                    joined = _new(
+                        WindowRecord,
+                        (imp, record.close_ms, labels, _WITH_TYPE[record.types, ev.type], version, False),
+                    )
+                    if version == 1:
+                        positives += 1
+                    else:
+                        updates += 1
+                    out.append(
+                        _new(
+                            JoinedSample, (f"{key[0]}:{key[1]}:v{version}", key, labels, version, 1.0, False, imp)
+                        )
+                    )
+                    put_window(key, joined)
+                # _observe, inline
+                if self._max_event_ms is None or t > self._max_event_ms:
+                    self._max_event_ms = t
+                if wm is None or t - lateness_ms > wm:
+                    self._watermark_ms = wm = t - lateness_ms
+                due = next_due()
+                if due is not None and due <= wm:
+                    self._fire(out)
+        finally:  # also when an event fails: the counts stay true to the state
+            counters = self.counters
+            counters["impressions"] += impressions
+            counters["actions"] += actions
+            counters["positives"] += positives
+            counters["updates"] += updates
+            self._arrivals += impressions + actions
         return out
 
     def on_impression(self, ev: ImpressionEvent) -> list[JoinedSample]:
