@@ -289,12 +289,14 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
                 await asyncio.sleep(args.warmup_s)
                 probe_publisher = EventPublisher(js, 1, f"probe-{time.time_ns()}")
                 clock = StageClock()
-                for subject, handler in (
-                    ("samples.>", clock.on_sample),
-                    (f"model.{MODEL}.delta.*", clock.on_delta),
-                    (f"model.{MODEL}.decision", clock.on_decision),
-                ):
+                watching = [
                     await nc.subscribe(subject, cb=handler)
+                    for subject, handler in (
+                        ("samples.>", clock.on_sample),
+                        (f"model.{MODEL}.delta.*", clock.on_delta),
+                        (f"model.{MODEL}.decision", clock.on_decision),
+                    )
+                ]
                 freshness: list[float] = []
                 sent: dict[int, float] = {}
                 visible: dict[int, float] = {}
@@ -318,6 +320,8 @@ async def run(args: argparse.Namespace, extra_env: dict[str, str]) -> dict:
                             f"probe {k + 1}/{args.probes}: freshness p50 {percentile(freshness, 50):.0f} ms,"
                             f" p99 {percentile(freshness, 99):.0f} ms, timeouts {timeouts}"
                         )
+                for sub in watching:  # decoding every delta here would delay the Predict client's own timing
+                    await sub.unsubscribe()
                 progress(
                     f"Predict: {args.candidates} candidates at {args.predict_rate:.0f}/s for {args.predict_seconds} s"
                 )
