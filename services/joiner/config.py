@@ -60,6 +60,11 @@ class JoinerConfig:
         "FRESHET_JOINER_SAMPLES_PER_MESSAGE", "samples per SampleBatch message at most (keep it under 1 MB)", 2048
     )
     tick_s: float = env_field("FRESHET_JOINER_TICK_S", "seconds between watermark advances without events", 0.1)
+    gc_freeze_s: float = env_field(
+        "FRESHET_JOINER_GC_FREEZE_S",
+        "seconds between young garbage collections that freeze what survives (bounds GC pauses); 0: off",
+        0.25,
+    )
 
     def join_config(self) -> JoinConfig:
         return JoinConfig(

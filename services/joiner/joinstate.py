@@ -415,6 +415,7 @@ class RocksJoinState(JoinState):
         # saves reading and decoding a segment; bounded, oldest written first out.
         self._recent: dict[Key, WindowRecord] = {}
         self._cached_windows = cached_windows
+        self._evict_chunk = max(1, cached_windows // 64)
         self._segments: dict[int, dict[Key, WindowRecord]] = {}  # a few decoded segments, oldest first out
         # Where each stored window is (the segment holding its latest record), how many windows each
         # segment still holds, and the segment numbers in use: [head, next).
@@ -607,10 +608,12 @@ class RocksJoinState(JoinState):
         meta = self._pending.get(_META)
         if meta is not None:
             self._closed_through = meta.watermark_ms
-        if len(recent) > self._cached_windows + self._cached_windows // 4:
-            # Keep the newest: one rebuild per quarter of the cache written (deleting entries one by one
-            # from the front of a dict makes every later front lookup skip them, a linear scan each).
-            self._recent = dict(itertools.islice(recent.items(), len(recent) - self._cached_windows, None))
+        if (excess := len(recent) - self._cached_windows) >= self._evict_chunk:
+            # Oldest written first out, a chunk at a time: a dict deletes from its front in O(1), but each
+            # new iteration skips every slot deleted before (one scan per chunk, not per window), and
+            # rebuilding the whole cache at once would stall the join for tens of milliseconds.
+            for key in list(itertools.islice(recent, excess)):
+                del recent[key]
         self._pending_windows.clear()
         self._pending.clear()
 
