@@ -18,6 +18,12 @@ trainer, joiner, publisher, validator, predictor, all with their default setting
   for ``--predict-seconds``, while the background load keeps deltas coming; latency as the client
   sees it (gRPC included). ``versions_seen`` counts the distinct model versions answered.
 - ``cpu_s``: CPU seconds each process used during the run, to show where the 2 cores went.
+
+Priorities: on a small shared host the training side (store, trainer, joiner, publisher, validator)
+and the load generator run at niceness ``--nice`` (default 10) while the predictor keeps the normal
+priority, as an operator co-locating serving with training would run them: a Predict then does not
+wait behind a training step for a core. ``--nice 0`` runs everything at equal priority (on 2 cores the
+Predict tail then grows several-fold; the freshness hardly changes). The JSON records the setting.
 """
 
 from __future__ import annotations
@@ -403,9 +409,9 @@ def main() -> int:
     parser.add_argument(
         "--nice",
         type=int,
-        default=0,
+        default=10,
         help="niceness of the training side (store, trainer, joiner, publisher, validator) and the load generator;"
-        " the predictor, nats-server and this process keep theirs",
+        " the predictor, nats-server and this process keep theirs (0: all equal)",
     )
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="setting for every service"
