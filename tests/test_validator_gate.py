@@ -82,34 +82,19 @@ def test_non_finite_rows_are_rejected_as_a_degradation_opening_a_rollback(traine
     assert verdict.rollback_version == 7
 
 
+def _dense_delta(params: dict[str, np.ndarray]) -> Delta:
+    """A dense-parameter delta (shard -1, no rows) carrying ``params``."""
+    return Delta("fm", "", -1, 1, 0, 1, np.zeros(0, np.int64), np.zeros((0, 9), np.float32), params)
+
+
 def test_non_finite_dense_parameters_are_rejected(trained):
-    delta = Delta(
-        "fm",
-        "",
-        -1,
-        1,
-        0,
-        1,
-        np.zeros(0, np.int64),
-        np.zeros((0, 9), np.float32),
-        {"bias": np.array([np.nan], np.float32)},
-    )
+    delta = _dense_delta({"bias": np.array([np.nan], np.float32)})
     verdict = trained.evaluate_delta(delta)
     assert not verdict.approve and "dense bias: 1 non-finite" in verdict.reason
 
 
 def test_dense_parameters_that_do_not_fit_are_rejected_without_a_rollback(trained):
-    delta = Delta(
-        "fm",
-        "",
-        -1,
-        1,
-        0,
-        1,
-        np.zeros(0, np.int64),
-        np.zeros((0, 9), np.float32),
-        {"nope": np.ones(2, np.float32)},
-    )
+    delta = _dense_delta({"nope": np.ones(2, np.float32)})
     verdict = trained.evaluate_delta(delta)
     assert not verdict.approve and not verdict.degraded and verdict.rollback_version is None
     assert "do not fit" in verdict.reason

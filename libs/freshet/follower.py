@@ -221,14 +221,7 @@ class Follower:
         )
 
     async def _follow(self) -> None:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.position + 1)
-        sub = await self.js.subscribe(
-            self.subject,
-            stream=bus.MODEL.name,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            config=config,
-        )
+        sub = await self._subscribe_from(self.position + 1)
         try:
             while not self._stop.is_set():
                 try:
@@ -552,19 +545,23 @@ class Follower:
             extra={"follower": self.name, "model": self.model, "snapshot": manifest.id, "rows": len(replica)},
         )
 
-    async def _decisions(self, start: int, until: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Decision messages (stream sequence, bytes) with start <= sequence <= until, in order."""
-        until = min(until, await self._last_decision_seq())
-        if until < start:
-            return
+    async def _subscribe_from(self, start: int):
+        """An ordered consumer of the decision subject from stream sequence ``start`` on."""
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        sub = await self.js.subscribe(
+        return await self.js.subscribe(
             self.subject,
             stream=bus.MODEL.name,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             config=config,
         )
+
+    async def _decisions(self, start: int, until: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Decision messages (stream sequence, bytes) with start <= sequence <= until, in order."""
+        until = min(until, await self._last_decision_seq())
+        if until < start:
+            return
+        sub = await self._subscribe_from(start)
         try:
             while True:
                 if self._stop.is_set():
