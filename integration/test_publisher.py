@@ -280,7 +280,7 @@ async def test_on_demand_snapshots_are_pruned_to_the_newest_and_the_approved_one
 
     assert ids == sorted(ids) and len(set(ids)) == 5
     assert list(await snapshots.list_snapshots(js, MODEL)) == [ids[0], ids[3], ids[4]]
-    approved, manifest = await snapshots.latest_approved(js, MODEL)
+    approved, manifest, _ = await snapshots.latest_approved(js, MODEL)
     assert manifest.id == ids[0] and manifest.reason == "on demand: #0"
 
 

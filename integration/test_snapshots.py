@@ -134,7 +134,7 @@ async def test_latest_approved_reads_the_last_approval_and_its_manifest(js):
         approval = model_pb2.Approval(model=MODEL, snapshot=snap.id, decision=model_pb2.DECISION_APPROVE)
         await bus.publish(js, snapshots.approved_subject(MODEL), approval.SerializeToString())
 
-    approval, manifest = await snapshots.latest_approved(js, MODEL)
+    approval, manifest, _ = await snapshots.latest_approved(js, MODEL)
 
     assert approval.snapshot == second.id
     assert manifest.reason == "second" and manifest == second

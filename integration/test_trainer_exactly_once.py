@@ -29,9 +29,15 @@ PER_MESSAGE = 10
 
 
 def _freq(store: StoreService, fid: int) -> int:
+    """The row's frequency, from the host tier or, when the row is only in RocksDB (e.g. after a restart), there."""
     table = store.tables["fm"]
     row = table.host.find(np.array([fid], np.int64))[0]
-    return int(table.host.freqs[row]) if row >= 0 else 0
+    if row >= 0:
+        return int(table.host.freqs[row])
+    if table.cold is None:
+        return 0
+    found, rows = table.cold.get(np.array([fid], np.int64))
+    return int(rows.freqs[0]) if found[0] else 0
 
 
 async def _publish_samples(js) -> tuple[int, dict[int, int]]:

@@ -19,21 +19,11 @@ from freshet.config import BusConfig
 from freshet.fids import example_fids
 from freshet.natsserver import free_port
 from freshet.testing import assert_eventually, start_service
-from integration.test_trainer_exactly_once import MESSAGES, _publish_samples
+from integration.test_trainer_exactly_once import MESSAGES, _freq, _publish_samples
 from services.store.config import StoreConfig
 from services.store.service import StoreService
 from services.trainer.config import TrainerConfig
 from services.trainer.service import TrainerService
-
-
-def _freq(store: StoreService, fid: int) -> int:
-    """The row's frequency, from the host tier or, after a restart, from RocksDB."""
-    table = store.tables["fm"]
-    row = table.host.find(np.array([fid], np.int64))[0]
-    if row >= 0:
-        return int(table.host.freqs[row])
-    found, rows = table.cold.get(np.array([fid], np.int64))
-    return int(rows.freqs[0]) if found[0] else 0
 
 
 @pytest.mark.timeout(240)

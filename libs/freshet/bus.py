@@ -80,6 +80,8 @@ class ConsumerSpec:
     max_ack_pending: int = 10_000
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
     opt_start_seq: int | None = None  # with DeliverPolicy.BY_START_SEQUENCE
+    # Several subjects of the stream, delivered in stream order; replaces filter_subject when set.
+    filter_subjects: tuple[str, ...] = ()
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -88,7 +90,8 @@ class ConsumerSpec:
             ack_wait=self.ack_wait_s,
             max_deliver=self.max_deliver,
             max_ack_pending=self.max_ack_pending,
-            filter_subject=self.filter_subject,
+            filter_subject=None if self.filter_subjects else self.filter_subject,
+            filter_subjects=list(self.filter_subjects) or None,
             deliver_policy=self.deliver_policy,
             opt_start_seq=self.opt_start_seq,
         )

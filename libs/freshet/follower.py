@@ -485,16 +485,8 @@ class Follower:
         raise AssertionError("unreachable")
 
     async def _latest_approved(self) -> _Approved | None:
-        # snapshots.latest_approved without the message's sequence, which is the loaded replica's version.
-        try:
-            raw = await self.js.get_last_msg(bus.MODEL.name, snapshots.approved_subject(self.model))
-        except NotFoundError:
-            return None
-        try:
-            approval = model_pb2.Approval.FromString(raw.data)
-        except Exception as exc:  # noqa: BLE001 - protobuf raises several types for bad bytes
-            raise snapshots.SnapshotError(f"snapshot approval #{raw.seq} is undecodable: {exc}") from None
-        return _Approved(await snapshots.read_manifest(self.js, self.model, approval.snapshot), raw.seq)
+        found = await snapshots.latest_approved(self.js, self.model)
+        return None if found is None else _Approved(found.manifest, found.seq)
 
     async def _last_decision_seq(self) -> int:
         try:

@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable
+from typing import NamedTuple
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -204,9 +205,15 @@ async def read_chunks(js: JetStreamContext, manifest: model_pb2.SnapshotManifest
         yield delta
 
 
-async def latest_approved(
-    js: JetStreamContext, model: str
-) -> tuple[model_pb2.Approval, model_pb2.SnapshotManifest] | None:
+class ApprovedSnapshot(NamedTuple):
+    """The latest snapshot approval: the APPROVE, the snapshot's manifest, and the approval's stream sequence."""
+
+    approval: model_pb2.Approval
+    manifest: model_pb2.SnapshotManifest
+    seq: int
+
+
+async def latest_approved(js: JetStreamContext, model: str) -> ApprovedSnapshot | None:
     """The validator's latest snapshot APPROVE and that snapshot's manifest; None when none was approved.
 
     Raises:
@@ -222,7 +229,7 @@ async def latest_approved(
         raise SnapshotError(f"approval #{raw.seq} on {approved_subject(model)} is undecodable: {exc}") from None
     if not approval.snapshot:
         raise SnapshotError(f"approval #{raw.seq} on {approved_subject(model)} names no snapshot")
-    return approval, await read_manifest(js, model, approval.snapshot)
+    return ApprovedSnapshot(approval, await read_manifest(js, model, approval.snapshot), raw.seq)
 
 
 async def request_snapshot(

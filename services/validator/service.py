@@ -19,7 +19,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import nats.errors
 import torch
@@ -44,18 +43,6 @@ logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 APPROVE, REJECT, ROLLBACK = model_pb2.DECISION_APPROVE, model_pb2.DECISION_REJECT, model_pb2.DECISION_ROLLBACK
-
-
-@dataclass(frozen=True)
-class MultiSubjectSpec(bus.ConsumerSpec):
-    """A durable consumer over several subjects of one stream, delivered in stream order."""
-
-    filter_subjects: tuple[str, ...] = ()
-
-    def config(self) -> ConsumerConfig:
-        config = super().config()
-        config.filter_subject, config.filter_subjects = None, list(self.filter_subjects)
-        return config
 
 
 class _Restart(Exception):
@@ -93,7 +80,7 @@ class ValidatorService(NatsMixin, Service):
         self._restart_seq = 0
         self._deciding = False  # a candidate is between its verdict and its commit
         model = config.model
-        self.spec = MultiSubjectSpec(
+        self.spec = bus.ConsumerSpec(
             stream=bus.MODEL.name,
             durable=config.durable,
             filter_subject="",
