@@ -20,10 +20,14 @@ a click on 1 in 4, the joiner benchmark's ``request_events``; default model ``Mo
   Adagrad as the trainer's, same batch size, samples featurised beforehand by the joiner's function
   (``batch_example_fids``), not counting that. The best of runs before and after the services, with 1
   torch thread and with torch's default. ``ratio`` = pipeline / static.
-- The services keep torch's default thread count, as deployed; ``--service-threads N`` sets their
+- The services keep their own thread settings, as deployed (the trainer's ``FRESHET_TORCH_THREADS``, default 1);
+  ``--service-threads N`` sets their
   ``OMP_NUM_THREADS``.
 - ``cpu_s``: CPU seconds each process used during each timed run (``/proc``), and how busy the
   machine was (other work on it included), to show where the pipeline's time goes.
+- ``*_cpu_budget``: the same as CPU microseconds per sample per service process (NATS included), their total
+  against the static run's, and ``cpu_bound_samples_per_s``, the rate that work would reach with every core
+  busy: the ratio the machine's CPU allows at best, whatever the hand-offs between the processes.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ def train_static(
     max_seconds: float = float("inf"),
 ) -> dict:
     """One pass over the samples (or as many batches as fit in ``max_seconds``) with static EmbeddingBag
-    tables; returns samples/s, samples trained and their mean loss."""
+    tables; returns samples/s, samples trained, CPU microseconds per sample and their mean loss."""
     store, trainer = StoreConfig(), TrainerConfig(store_address="unused")
     sparse = StaticEmbeddings(config, num_rows=STATIC_ROWS, init_scale=store.init_scale, sparse=True)
     model = CtrModel(config, seed=trainer.seed)
@@ -118,7 +122,7 @@ def train_static(
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     weights = np.ones(len(lengths), np.float32)
     torch.sparse.check_sparse_tensor_invariants.disable()  # as torch's default; saying so silences its warning
-    total_loss, hi, start = 0.0, 0, time.perf_counter()
+    total_loss, hi, start, cpu_start = 0.0, 0, time.perf_counter(), time.process_time()
     for lo in range(0, len(lengths), batch):
         if time.perf_counter() - start > max_seconds:
             break
@@ -133,8 +137,14 @@ def train_static(
         if dense_opt is not None:
             dense_opt.step()
         total_loss += float(batch_loss.detach())
-    elapsed = time.perf_counter() - start
-    return {"samples_per_s": hi / elapsed, "samples": hi, "seconds": elapsed, "mean_log_loss": total_loss / hi}
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {
+        "samples_per_s": hi / elapsed,
+        "samples": hi,
+        "seconds": elapsed,
+        "cpu_us_per_sample": cpu * 1e6 / hi,
+        "mean_log_loss": total_loss / hi,
+    }
 
 
 # -- processes and what they used ---------------------------------------------------------------------
@@ -444,6 +454,7 @@ async def run(requests: int, config: ModelConfig, batch: int, service_threads: i
             await nc.close()
     runs += static_runs(config, samples, batch, "after the services")
     static = max(runs, key=lambda r: r["samples_per_s"])
+    static_cpu = min(r["cpu_us_per_sample"] for r in runs)  # the model's work itself, without threads waiting
     return {
         "model_config": json.loads(config.to_json()),
         "batch_size": batch,
@@ -456,8 +467,34 @@ async def run(requests: int, config: ModelConfig, batch: int, service_threads: i
         "static_torch_runs": runs,
         "ratio": pipeline["pipeline_samples_per_s"] / static["samples_per_s"],
         "trainer_only_ratio": only["trainer_only_samples_per_s"] / static["samples_per_s"],
+        "pipeline_cpu_budget": cpu_budget(pipeline["pipeline_cpu"], pipeline["samples"], static_cpu),
+        "trainer_only_cpu_budget": cpu_budget(only["trainer_only_cpu"], pipeline["samples"], static_cpu),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
     }
+
+
+def cpu_budget(cpu: dict, samples: int, static_us_per_sample: float) -> dict:
+    """CPU microseconds per sample of each process of a timed run (this benchmark's own process left out: it
+    only counts), their total, the static run's, and the rate the run's work would reach with every core
+    of the machine busy: how far CPU alone bounds the pipeline, against the time lost waiting."""
+    used = {name: seconds * 1e6 / samples for name, seconds in cpu["cpu_s"].items() if name != "bench"}
+    total = sum(used.values())
+    cores = os.cpu_count() or 1
+    return {
+        "us_per_sample": {name: round(us, 2) for name, us in used.items()},
+        "total_us_per_sample": round(total, 2),
+        "static_us_per_sample": round(static_us_per_sample, 2),
+        "cpu_bound_samples_per_s": round(cores * 1e6 / total) if total else None,
+    }
+
+
+def budget_line(budget: dict) -> str:
+    parts = ", ".join(f"{name} {us:.1f}" for name, us in budget["us_per_sample"].items())
+    return (
+        f"{parts}; total {budget['total_us_per_sample']:.1f} µs/sample (static torch"
+        f" at least {budget['static_us_per_sample']:.1f}); with all {os.cpu_count()} cores busy at most"
+        f" {budget['cpu_bound_samples_per_s']:,} samples/s"
+    )
 
 
 def cpu_line(cpu: dict) -> str:
@@ -498,6 +535,8 @@ def main() -> int:
             "",
             f"CPU, pipeline: {cpu_line(report['pipeline_cpu'])}",
             f"CPU, trainer only: {cpu_line(report['trainer_only_cpu'])}",
+            f"CPU per sample, pipeline: {budget_line(report['pipeline_cpu_budget'])}",
+            f"CPU per sample, trainer only: {budget_line(report['trainer_only_cpu_budget'])}",
         ]
     )
     (RESULTS / "train.md").write_text(table + "\n")
