@@ -84,6 +84,46 @@ async def test_push_with_nan_gradient_is_rejected_and_leaves_the_table_unchanged
     assert store.tables["fm"].version == 3
 
 
+async def test_push_pull_applies_its_pushes_before_its_pulls(store, client):
+    fids = np.array([3, 1, 2**40 + 5], np.int64)
+    initial = _initial(store, fids)
+    grads = np.full((3, _DIM), 0.5, np.float32)
+
+    versions, (pulled, other) = await client.push_pull(
+        [("fm", fids, grads, np.array([2, 1, 1], np.int32)), ("fm", fids[:1], grads[:1], None)],
+        [("fm", fids), ("fm", np.array([99], np.int64))],
+    )
+
+    assert versions == [3, 4]
+    np.testing.assert_array_equal(pulled, store.tables["fm"].pull(fids))
+    assert np.all(pulled < initial)  # both pushes landed before the read
+    np.testing.assert_array_equal(other, _initial(store, np.array([99], np.int64)))
+
+
+async def test_push_pull_with_one_bad_push_is_rejected_and_applies_no_push(store, client):
+    fids = np.array([1, 2], np.int64)
+    bad = np.ones((2, _DIM), np.float32)
+    bad[0, 0] = np.nan
+
+    code, details = await code_of(
+        client.push_pull([("fm", fids, np.ones((2, _DIM), np.float32), None), ("fm", fids, bad, None)], [])
+    )
+
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "non-finite" in details
+    assert store.tables["fm"].version == 0
+    np.testing.assert_array_equal(await client.pull("fm", fids), _initial(store, fids))
+
+
+async def test_push_pull_with_an_unknown_pull_table_is_not_found_and_applies_no_push(store, client):
+    fids = np.array([1, 2], np.int64)
+    code, _ = await code_of(
+        client.push_pull([("fm", fids, np.ones((2, _DIM), np.float32), None)], [("nope", fids)])
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert store.tables["fm"].version == 0
+
+
 async def test_push_with_wrongly_shaped_grads_is_invalid_argument(client):
     fids = np.array([1, 2], np.int64)
     code, details = await code_of(client.push("fm", fids, np.ones((2, _DIM + 1), np.float32)))
@@ -189,6 +229,33 @@ async def two_shards(tmp_path):
     async with StoreService(configs[0]) as s0, StoreService(configs[1]) as s1:
         async with ShardedStoreClient([s0.address, s1.address], timeout_s=_TIMEOUT) as client:
             yield [s0, s1], client
+
+
+async def test_sharded_push_pull_equals_push_then_pull_on_every_shard_and_table(two_shards):
+    shards, client = two_shards
+    rng = np.random.default_rng(1)
+    fids = rng.integers(0, 2**62, 300)
+    pushed = np.concatenate([fids[:100], fids[:50]])  # duplicates: summed, as Push does
+    grads = rng.normal(size=(150, 4)).astype(np.float32)
+    counts = rng.integers(1, 4, 150).astype(np.int32)
+    configs = [
+        StoreConfig(port=0, shard=i, num_shards=2, tables=("a:4", "b:4")) for i in range(2)
+    ]  # a twin store, updated with Push then Pull
+    async with StoreService(configs[0]) as t0, StoreService(configs[1]) as t1:
+        async with ShardedStoreClient([t0.address, t1.address], timeout_s=_TIMEOUT) as twin:
+            await twin.push("a", pushed, grads, counts)
+            want_a, want_b = await twin.pull("a", fids[::-1]), await twin.pull("b", fids[:7])
+
+            got_a, got_b, empty = await client.push_pull(
+                [("a", pushed, grads, counts)], [("a", fids[::-1]), ("b", fids[:7]), ("b", fids[:0])]
+            )
+
+            np.testing.assert_array_equal(got_a, want_a)
+            np.testing.assert_array_equal(got_b, want_b)
+            assert len(empty) == 0
+            for shard, twin_shard in zip(shards, (t0, t1), strict=True):
+                assert shard.tables["a"].version == twin_shard.tables["a"].version > 0
+                assert shard.tables["b"].version == 0
 
 
 async def test_rollback_returns_every_shard_and_table_to_the_last_checkpoint(two_shards):

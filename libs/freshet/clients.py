@@ -51,6 +51,19 @@ class _Client:
         await self.close()
 
 
+PushPart = tuple[str, np.ndarray, np.ndarray, "np.ndarray | None"]  # table, fids [n], grads [n, dim], counts [n]
+PullPart = tuple[str, np.ndarray]  # table, fids [n]
+
+
+def _push_request(
+    table: str, fids: np.ndarray, grads: np.ndarray, counts: np.ndarray | None = None
+) -> store_pb2.PushRequest:
+    req = store_pb2.PushRequest(table=table, fids=to_tensor(fids), grads=to_tensor(grads.astype(np.float32)))
+    if counts is not None:
+        req.counts.CopyFrom(to_tensor(np.asarray(counts, np.int32)))
+    return req
+
+
 class StoreRestarted(RuntimeError):
     """A store shard answered from a new process: writes acknowledged after its last checkpoint are gone.
 
@@ -97,12 +110,25 @@ class StoreClient(_Client):
 
     async def push(self, table: str, fids: np.ndarray, grads: np.ndarray, counts: np.ndarray | None = None) -> int:
         """Applies gradients float32 [n, dim] (summed over ``counts`` samples each); returns the table version."""
-        req = store_pb2.PushRequest(table=table, fids=to_tensor(fids), grads=to_tensor(grads.astype(np.float32)))
-        if counts is not None:
-            req.counts.CopyFrom(to_tensor(np.asarray(counts, np.int32)))
-        resp = await self.stub.Push(req, **self._kw())
+        resp = await self.stub.Push(_push_request(table, fids, grads, counts), **self._kw())
         self._seen(resp.incarnation)
         return resp.version
+
+    async def push_pull(self, pushes: list[PushPart], pulls: list[PullPart]) -> tuple[list[int], list[np.ndarray]]:
+        """Applies ``pushes`` in order, then reads ``pulls``, in one call (see ``ShardedStoreClient.push_pull``).
+
+        Returns:
+            The table version after each push, and the rows float32 [n, dim] of each pull.
+        """
+        req = store_pb2.PushPullRequest(
+            pushes=[_push_request(*p) for p in pushes],
+            pulls=[store_pb2.PullRequest(table=table, fids=to_tensor(fids)) for table, fids in pulls],
+        )
+        resp = await self.stub.PushPull(req, **self._kw())
+        self._seen(resp.incarnation)
+        return [p.version for p in resp.pushes], [
+            from_tensor(p.values, np.float32, 2, "values") for p in resp.pulls
+        ]
 
     async def export(self, table: str, since_version: int, limit: int = 0) -> ExportedRows:
         """One page of rows changed after ``since_version``."""
@@ -176,16 +202,18 @@ class ShardedStoreClient:
     async def pull(self, table: str, fids: np.ndarray) -> np.ndarray:
         """Rows of fids int64 [n] (duplicates allowed): float32 [n, dim]."""
         unique, inverse = self._dedupe(fids)
-        parts = self._split(unique)
-        answers = await asyncio.gather(
-            *(shard.pull(table, unique[idx]) for shard, idx in zip(self.shards, parts, strict=True) if len(idx))
-        )
-        dim = answers[0].shape[1] if answers else 0
-        values = np.empty((len(unique), dim), np.float32)
-        it = iter(answers)
-        for idx in parts:
-            if len(idx):
-                values[idx] = next(it)
+        if len(self.shards) == 1:  # no split, no merge, no task per shard; a writable copy of the answer
+            values = (await self.shards[0].pull(table, unique)).copy() if len(unique) else _no_rows()
+        else:
+            parts = self._split(unique)
+            answers = await asyncio.gather(
+                *(
+                    shard.pull(table, unique[idx])
+                    for shard, idx in zip(self.shards, parts, strict=True)
+                    if len(idx)
+                )
+            )
+            values = _merge(len(unique), parts, answers)
         return values if inverse is None else values[inverse]
 
     async def push(
@@ -195,14 +223,11 @@ class ShardedStoreClient:
 
         ``counts`` (int [n], optional): the samples each gradient sums over, for the store's row frequencies.
         """
-        unique, inverse = self._dedupe(fids)
-        if inverse is None:
-            summed = grads
-        else:
-            summed = np.zeros((len(unique), grads.shape[1]), np.float32)
-            np.add.at(summed, inverse, grads)
-            if counts is not None:
-                counts = np.bincount(inverse, weights=counts, minlength=len(unique)).astype(np.int32)
+        unique, summed, counts = self._sum(fids, grads, counts)
+        if not len(unique):
+            return []
+        if len(self.shards) == 1:
+            return [await self.shards[0].push(table, unique, summed, counts)]
         parts = self._split(unique)
         return list(
             await asyncio.gather(
@@ -213,6 +238,65 @@ class ShardedStoreClient:
                 )
             )
         )
+
+    async def push_pull(self, pushes: list[PushPart], pulls: list[PullPart]) -> list[np.ndarray]:
+        """Pushes, then pulls, with one ``PushPull`` call per shard concerned, concurrently.
+
+        On each shard every push (as ``push``: duplicates summed) is applied before any pull reads, so
+        the pulls see the pushes. Across shards there is no such order, nor any need for one: a fid
+        lives on one shard.
+
+        Args:
+            pushes: (table, fids int64 [n], grads float32 [n, dim], counts int [n] or None) each.
+            pulls: (table, fids int64 [n], duplicates allowed) each.
+
+        Returns:
+            The rows float32 [n, dim] of each pull, in order.
+        """
+        summed = [(table, *self._sum(fids, grads, counts)) for table, fids, grads, counts in pushes]
+        deduped = [(table, *self._dedupe(fids)) for table, fids in pulls]
+        if len(self.shards) == 1:
+            _, values = await self.shards[0].push_pull(summed, [(table, unique) for table, unique, _ in deduped])
+            return [  # writable arrays, not views on the answer's bytes
+                v.copy() if inverse is None else v[inverse]
+                for v, (_, _, inverse) in zip(values, deduped, strict=True)
+            ]
+        push_parts = [self._split(unique) for _, unique, _, _ in summed]
+        pull_parts = [self._split(unique) for _, unique, _ in deduped]
+        calls, answered = [], []
+        for s, shard in enumerate(self.shards):
+            shard_pushes = [
+                (table, unique[idx[s]], grads[idx[s]], None if counts is None else counts[idx[s]])
+                for (table, unique, grads, counts), idx in zip(summed, push_parts, strict=True)
+                if len(idx[s])
+            ]
+            shard_pulls = [
+                (table, unique[idx[s]]) for (table, unique, _), idx in zip(deduped, pull_parts, strict=True)
+            ]
+            if shard_pushes or any(len(f) for _, f in shard_pulls):
+                calls.append(shard.push_pull(shard_pushes, shard_pulls))
+                answered.append(s)
+        results = dict(zip(answered, await asyncio.gather(*calls), strict=True))
+        out = []
+        for i, (_, unique, inverse) in enumerate(deduped):
+            parts = pull_parts[i]
+            answers = [results[s][1][i] for s in range(len(self.shards)) if s in results and len(parts[s])]
+            values = _merge(len(unique), parts, answers)
+            out.append(values if inverse is None else values[inverse])
+        return out
+
+    def _sum(
+        self, fids: np.ndarray, grads: np.ndarray, counts: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Distinct fids, their summed gradients and summed counts."""
+        unique, inverse = self._dedupe(fids)
+        if inverse is None:
+            return unique, grads, counts
+        summed = np.zeros((len(unique), grads.shape[1]), np.float32)
+        np.add.at(summed, inverse, grads)
+        if counts is not None:
+            counts = np.bincount(inverse, weights=counts, minlength=len(unique)).astype(np.int32)
+        return unique, summed, counts
 
     async def describe(self) -> list[store_pb2.DescribeResponse]:
         return list(await asyncio.gather(*(s.describe() for s in self.shards)))
@@ -242,6 +326,21 @@ class ShardedStoreClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _no_rows() -> np.ndarray:
+    return np.empty((0, 0), np.float32)
+
+
+def _merge(n: int, parts: list[np.ndarray], answers: list[np.ndarray]) -> np.ndarray:
+    """Rows [n, dim] from each shard's answer (``answers`` holds one per non-empty part, in shard order)."""
+    dim = answers[0].shape[1] if answers else 0
+    values = np.empty((n, dim), np.float32)
+    it = iter(answers)
+    for idx in parts:
+        if len(idx):
+            values[idx] = next(it)
+    return values
 
 
 class PredictorClient(_Client):

@@ -78,14 +78,10 @@ class StoreHandlers:
                 )
         return fids
 
-    async def pull(self, request: store_pb2.PullRequest, context) -> store_pb2.PullResponse:
-        table = self._table(request.table)
-        values = table.pull(self._fids(request))
-        return store_pb2.PullResponse(
-            values=to_tensor(values), version=table.version, incarnation=self.incarnation
-        )
-
-    async def push(self, request: store_pb2.PushRequest, context) -> store_pb2.PushResponse:
+    def _push_args(
+        self, request: store_pb2.PushRequest
+    ) -> tuple[TieredTable, np.ndarray, np.ndarray, np.ndarray | None]:
+        """A Push's table, fids, gradients and counts, checked (nothing applied yet)."""
         table = self._table(request.table)
         fids = self._fids(request)
         grads = tensor_arg(request.grads, np.float32, 2, "grads")
@@ -99,8 +95,35 @@ class StoreHandlers:
             counts = tensor_arg(request.counts, np.int32, 1, "counts")
             if counts.shape != (len(fids),) or (counts < 1).any():
                 raise BadRequest(f"counts must be {len(fids)} positive int32 values, one per fid")
-        updated = table.push(fids, grads, counts)
+        return table, fids, grads, counts
+
+    def _push_response(self, table: TieredTable, updated: int) -> store_pb2.PushResponse:
         return store_pb2.PushResponse(version=table.version, rows_updated=updated, incarnation=self.incarnation)
+
+    def _pull_response(self, table: TieredTable, fids: np.ndarray) -> store_pb2.PullResponse:
+        return store_pb2.PullResponse(
+            values=to_tensor(table.pull(fids)), version=table.version, incarnation=self.incarnation
+        )
+
+    async def pull(self, request: store_pb2.PullRequest, context) -> store_pb2.PullResponse:
+        return self._pull_response(self._table(request.table), self._fids(request))
+
+    async def push(self, request: store_pb2.PushRequest, context) -> store_pb2.PushResponse:
+        table, fids, grads, counts = self._push_args(request)
+        return self._push_response(table, table.push(fids, grads, counts))
+
+    async def push_pull(self, request: store_pb2.PushPullRequest, context) -> store_pb2.PushPullResponse:
+        """Every push, then every pull; all parts are checked before the first push is applied."""
+        pushes = [self._push_args(p) for p in request.pushes]
+        pulls = [(self._table(p.table), self._fids(p)) for p in request.pulls]
+        pushed = [
+            self._push_response(table, table.push(fids, grads, counts)) for table, fids, grads, counts in pushes
+        ]
+        return store_pb2.PushPullResponse(
+            pushes=pushed,
+            pulls=[self._pull_response(table, fids) for table, fids in pulls],
+            incarnation=self.incarnation,
+        )
 
     async def export(self, request: store_pb2.ExportRequest, context) -> store_pb2.ExportResponse:
         table = self._table(request.table)
@@ -233,6 +256,7 @@ class StoreService(Service):
                     {
                         "Pull": (h.pull, store_pb2.PullRequest),
                         "Push": (h.push, store_pb2.PushRequest),
+                        "PushPull": (h.push_pull, store_pb2.PushPullRequest),
                         "Export": (h.export, store_pb2.ExportRequest),
                         "Describe": (h.describe, store_pb2.DescribeRequest),
                         "Checkpoint": (h.checkpoint, store_pb2.CheckpointRequest),

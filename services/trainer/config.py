@@ -28,8 +28,9 @@ class TrainerConfig:
     batch_size: int = env_field("FRESHET_TRAIN_BATCH", "samples per training step at most", 1024)
     pipeline: bool = env_field(
         "FRESHET_TRAIN_PIPELINE",
-        "pull the next batch while computing this one (a staleness of one step); off: each step reads the "
-        "rows the previous step pushed, which matters for small batches on bursty streams",
+        "send step k's push, with step k+2's pull in the same call, while step k+1 is computed (a staleness "
+        "of one step; acks and checkpoints still wait for the pushes); off: each step reads the rows the "
+        "previous step pushed, which matters for small batches on bursty streams",
         True,
     )
     fetch_batch: int = env_field("FRESHET_TRAIN_FETCH", "sample messages fetched at once at most", 64)

@@ -4,12 +4,24 @@ One worker for batch and online training: it first trains on a dataset file (``F
 or on the history in the SAMPLES stream (``FRESHET_TRAINER_START=first``), then keeps following the
 stream, through the same code path.
 
+Pushes and pulls
+    A step's push and the pull of a later step's rows travel in one ``PushPull`` call (one round trip
+    per step, not two); the store applies the push, then reads. Acks of the sample messages and
+    ``position`` advance only once the pushes of all their steps are acknowledged, in order, and a
+    checkpoint first waits for every push under way, so it never covers a sample whose push may not
+    have landed. Steps are computed on the event loop: the work holds the GIL anyway, and a worker
+    thread only added hand-offs; the calls under way are sent before a compute starts.
+
 Pipelining (``FRESHET_TRAIN_PIPELINE``, on by default)
-    While batch k is computed (forward/backward in a worker thread, so the event loop keeps serving
-    gRPC), batch k+1 is fetched, planned and its rows pulled. Batch k+1 therefore reads rows before
-    batch k's gradients were pushed (a staleness of one step, as in Monolith and PERSIA). Off, every
-    step reads what the previous one pushed: with small batches on a bursty stream (MovieLens users
-    rate in bursts) that is worth more online AUC than the throughput pipelining gives.
+    Step k's push carries the pull of step k+2 and is answered while step k+1 is computed, so the
+    store works while the trainer computes and the trainer never waits for a round trip. Step k+2
+    thus reads rows without step k+1's gradients: a staleness of one step, as in Monolith and PERSIA
+    (pushes still under way when a pull is sent are ahead of it on the same connection, and the store
+    serves one connection's calls in order; gRPC does not promise that order, so at worst two steps).
+    At most ``MAX_INFLIGHT_PUSHES`` pushes are under way. Off, step k's push carries step k+1's pull
+    and the next compute waits for it: every step reads what the previous one pushed. With small
+    batches on a bursty stream (MovieLens users rate in bursts) that is worth more online AUC than
+    the throughput pipelining gives.
 
 Progressive validation
     Every batch is scored before the model learns from it; AUC and log loss over everything and over a
@@ -36,7 +48,8 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -50,7 +63,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from freshet import bus, telemetry
 from freshet.batches import SampleArrays, decode_samples
-from freshet.clients import ShardedStoreClient, StoreRestarted
+from freshet.clients import PullPart, PushPart, ShardedStoreClient, StoreRestarted
 from freshet.config import BusConfig
 from freshet.metrics import ProgressiveMetrics
 from freshet.model.v1 import model_pb2
@@ -64,6 +77,8 @@ tracer = telemetry.tracer(__name__)
 
 STATE_BUCKET = "FRESHET_TRAINER"
 READY_WAIT_S = 0.005  # how long a fetch waits for the server to hand over messages that are already waiting
+QUEUED_STEPS = 4  # planned steps waiting for the training loop at most
+MAX_INFLIGHT_PUSHES = 2  # pushes under way at once at most (a push that also pulls waits for the others)
 
 
 @dataclass
@@ -103,12 +118,28 @@ class Learner:
         self.samples_trained = 0
         self._metric_column = TASKS.index(config.tasks[0])  # the first task is the one evaluated
 
+    def plan(self, batch: SampleArrays) -> Prepared:
+        """The batch's pooling plan; its rows are still to be pulled (``exchange``)."""
+        return Prepared(batch, plan(batch.fids, batch.lengths, self.config), {})
+
     async def prepare(self, batch: SampleArrays) -> Prepared:
-        """Plans the batch and pulls its rows from every table concurrently."""
-        batch_plan = plan(batch.fids, batch.lengths, self.config)
-        names = [name for name, t in batch_plan.tables.items() if len(t.fids)]
-        pulled = await asyncio.gather(*(self.store.pull(name, batch_plan.tables[name].fids) for name in names))
-        return Prepared(batch, batch_plan, dict(zip(names, pulled, strict=True)))
+        """Plans the batch and pulls its rows from every table."""
+        prep = self.plan(batch)
+        await self.exchange(None, [prep])
+        return prep
+
+    async def exchange(self, pushed: tuple[Prepared, Computed] | None, pulled: Sequence[Prepared]) -> None:
+        """Pushes a computed step's gradients, then pulls the rows of ``pulled`` steps, in one call per shard.
+
+        The store applies the push before it reads, so the pulled rows include it.
+        """
+        pushes = self.push_parts(*pushed) if pushed is not None else []
+        pulls = [_pull_parts(p) for p in pulled]
+        if not pushes and not any(pulls):
+            return
+        values = iter(await self.store.push_pull(pushes, [part for parts in pulls for part in parts]))
+        for prep, parts in zip(pulled, pulls, strict=True):
+            prep.rows.update((name, next(values)) for name, _ in parts)
 
     def compute(self, prep: Prepared) -> Computed:
         """Scores the batch (progressive validation), then backward and the dense optimizer step."""
@@ -140,14 +171,19 @@ class Learner:
             weights[batch.versions > 1, self.config.tasks.index("click")] = 0.0
         return loss(logits, batch.label_vectors, weights, self.config.tasks)
 
-    async def push(self, prep: Prepared, computed: Computed) -> None:
-        """Pushes each table's gradients with the number of samples behind each (the rows' frequencies)."""
-        pushes = []
+    @staticmethod
+    def push_parts(prep: Prepared, computed: Computed) -> list[PushPart]:
+        """Each table's gradients with the number of samples behind each (the rows' frequencies)."""
+        parts = []
         for name, grad in computed.grads.items():
             table = prep.plan.tables[name]
             counts = np.bincount(table.rows, minlength=len(table.fids)).astype(np.int32)
-            pushes.append(self.store.push(name, table.fids, grad, counts))
-        await asyncio.gather(*pushes)
+            parts.append((name, table.fids, grad, counts))
+        return parts
+
+    async def push(self, prep: Prepared, computed: Computed) -> None:
+        """Pushes each table's gradients (see ``push_parts``)."""
+        await self.exchange((prep, computed), [])
 
     async def learn(self, batch: SampleArrays) -> np.ndarray:
         """One unpipelined step; returns the click probabilities before training."""
@@ -222,6 +258,16 @@ def register_metrics(meter: Meter, learner: Learner, position: Callable[[], int]
 
 
 @dataclass
+class _Step:
+    """A planned step on its way through the training loop."""
+
+    index: int
+    prep: Prepared | None  # None: a fetch without samples
+    done: Fetched | None  # the fetch this step completes: acked once its push is acknowledged
+    rows: asyncio.Task | None = None  # the call that brings its rows (its own pull, or an earlier push's)
+
+
+@dataclass
 class Fetched:
     """Sample messages fetched together, decoded; ``last_seq`` is the stream sequence of the last one."""
 
@@ -256,6 +302,7 @@ class TrainerService(NatsMixin, Service):
         self._last_log = time.monotonic()
         self._last_checkpoint = time.monotonic()
         self._state_store = None
+        self._inflight: deque[tuple[_Step, asyncio.Task]] = deque()  # pushes under way, oldest first
 
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-trainer")
@@ -432,17 +479,19 @@ class TrainerService(NatsMixin, Service):
     # -- training ------------------------------------------------------------------------------------
 
     async def _train_file(self, source: str) -> None:
-        """Batch training on a dataset file before the stream (the same steps, no checkpoints)."""
+        """Batch training on a dataset file before the stream (the same steps, unpipelined, no checkpoints)."""
         from freshet.datasets import dataset_samples
 
         fmt, _, path = source.partition(":")
+        previous = None  # the last step computed, pushed by the call that pulls the next one's rows
         for batch in dataset_samples(fmt, path, self.config.batch_size):
             if self.stopping.is_set():
-                return
-            prep = await self.learner.prepare(batch)
-            computed = await asyncio.to_thread(self.learner.compute, prep)
-            await self.learner.push(prep, computed)
+                break
+            prep = self.learner.plan(batch)
+            await self.learner.exchange(previous, [prep])
+            previous = (prep, self.learner.compute(prep))
             await self._after_step(boundary=False)
+        await self.learner.exchange(previous, [])
         logger.info("dataset trained", extra={"source": source, "samples": self.learner.samples_trained})
 
     async def _fetch(self) -> Fetched | None:
@@ -474,60 +523,166 @@ class TrainerService(NatsMixin, Service):
         return None
 
     def _steps(self, fetched: Fetched) -> list[SampleArrays]:
-        if not fetched.batches:
-            return []
-        batch = SampleArrays.concat(fetched.batches) if len(fetched.batches) > 1 else fetched.batches[0]
+        """The fetched samples in steps of ``batch_size`` (the last one smaller), in order.
+
+        A message is sliced where it holds whole steps and only the pieces of a step that spans
+        messages are concatenated: concatenating the whole fetch first would copy every sample.
+        """
         size = self.config.batch_size
-        if len(batch) <= size:
-            return [batch]
-        return [_slice(batch, i, min(i + size, len(batch))) for i in range(0, len(batch), size)]
+        steps: list[SampleArrays] = []
+        pieces: list[SampleArrays] = []
+        pending = 0  # samples in pieces
+        for batch in fetched.batches:
+            offsets, start, n = None, 0, len(batch)
+            while start < n:
+                stop = min(n, start + size - pending)
+                if start == 0 and stop == n:
+                    piece = batch
+                else:
+                    if offsets is None:
+                        offsets = np.concatenate([[0], np.cumsum(batch.lengths, dtype=np.int64)])
+                    piece = _slice(batch, offsets, start, stop)
+                pieces.append(piece)
+                pending += stop - start
+                start = stop
+                if pending == size:
+                    steps.append(pieces[0] if len(pieces) == 1 else SampleArrays.concat(pieces))
+                    pieces, pending = [], 0
+        if pieces:
+            steps.append(pieces[0] if len(pieces) == 1 else SampleArrays.concat(pieces))
+        return steps
 
     async def _train_stream(self) -> None:
-        """Fetch -> pull (next batch) overlapping compute (this batch) -> push -> ack, until stopped."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=2)
-        step_done = asyncio.Event()  # unpipelined: the producer waits for the previous step's push
-        step_done.set()
+        """Fetch + plan (a task) -> rows -> compute -> push, with the pull of a later step in the push's call.
+
+        Pipelined (depth 2): while step k is computed, the call that pushes step k-1 and pulls step k+1
+        is under way; unpipelined (depth 1): step k's push carries step k+1's pull, and the next compute
+        waits for it. Acks and ``position`` follow the pushes, in order (see ``_settle``).
+        """
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUED_STEPS)
+        depth = 2 if self.config.pipeline else 1  # steps whose rows are requested while one is computed
+        ahead: deque[_Step] = deque()  # rows requested (or none needed), not computed yet
+        self._inflight.clear()
+        ended = False
 
         async def produce() -> None:
+            index = 0
             try:
                 while (fetched := await self._fetch()) is not None:
                     steps = self._steps(fetched)
                     for i, step in enumerate(steps):
-                        if not self.config.pipeline:
-                            await step_done.wait()
-                            step_done.clear()
-                        prep = await self.learner.prepare(step)
-                        await queue.put((prep, fetched if i == len(steps) - 1 else None))
+                        last = i == len(steps) - 1
+                        await queue.put(_Step(index, self.learner.plan(step), fetched if last else None))
+                        index += 1
                     if not steps:
-                        await queue.put((None, fetched))
+                        await queue.put(_Step(index, None, fetched))
+                        index += 1
             except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
                 await queue.put(exc)
                 return
             await queue.put(None)
 
+        def take(item: _Step | Exception | None) -> _Step | None:
+            nonlocal ended
+            if isinstance(item, Exception):
+                raise item
+            ended = item is None
+            return item
+
+        def poll() -> _Step | None:
+            return None if ended or queue.empty() else take(queue.get_nowait())
+
         producer = asyncio.create_task(produce())
         try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                prep, done = item
-                if prep is not None:
-                    links = telemetry.links_from(m.headers for m in (done.msgs if done else []))
-                    with tracer.start_as_current_span(
-                        "train_batch", links=links, attributes={"samples": len(prep.batch)}
-                    ):
-                        computed = await asyncio.to_thread(self.learner.compute, prep)
-                        await self.learner.push(prep, computed)
-                if done is not None:
-                    for msg in done.msgs:
-                        await msg.ack()
-                    self.position = max(self.position, done.last_seq)
-                # Checkpoints only between fetches: mid-fetch, the store holds pushes of samples that
-                # the position does not cover yet.
-                await self._after_step(boundary=done is not None)
-                step_done.set()
+            while True:
+                if not ahead:
+                    if self._inflight and queue.empty():
+                        await self._settle(0)  # idle: let the pushes complete (acks, checkpoints)
+                    if ended or (step := take(await queue.get())) is None:
+                        break
+                    ahead.append(await self._request_rows(step, depth))
+                while len(ahead) < depth and (step := poll()) is not None:
+                    ahead.append(await self._request_rows(step, depth))
+                current = ahead.popleft()
+                if current.prep is None:  # a fetch without samples: a quiet stream, or only malformed messages
+                    await self._settle(0)
+                    await self._finish(current)
+                    await self._after_step(boundary=True)
+                    continue
+                await current.rows
+                links = telemetry.links_from(m.headers for m in (current.done.msgs if current.done else []))
+                with tracer.start_as_current_span(
+                    "train_batch", links=links, attributes={"samples": len(current.prep.batch)}
+                ):
+                    computed = self.learner.compute(current.prep)
+                    following = poll() if len(ahead) < depth else None
+                    pulled = [following.prep] if following is not None and following.prep is not None else []
+                    # Unpipelined, the next step must read every push; pipelined, the store applies the
+                    # push under way first (one connection's calls in order), then this one, then reads.
+                    await self._settle(0 if pulled and not self.config.pipeline else MAX_INFLIGHT_PUSHES - 1)
+                    call = asyncio.create_task(self.learner.exchange((current.prep, computed), pulled))
+                self._inflight.append((current, call))
+                if following is not None:
+                    following.rows = call if pulled else None
+                    ahead.append(following)
+                for _ in range(2):  # grpc.aio runs a call in a task of its own: send it before the next compute
+                    await asyncio.sleep(0)
+                await self._settle_done()
+                await self._maybe_publish_dense()
+                if current.done is not None and self._checkpoint_due():
+                    # Only after the last step of a fetch: mid-fetch, the store holds pushes of samples
+                    # that the position does not cover yet.
+                    await self._settle(0)
+                    await self._maybe_checkpoint()
+                self._maybe_log()
+            await self._settle(0)
         finally:
             producer.cancel()
+            # A push still under way could land after the rollback of a recovery: wait for every call.
+            calls = [call for _, call in self._inflight] + [s.rows for s in ahead if s.rows is not None]
+            if calls:
+                await asyncio.wait(calls)
+                for call in calls:
+                    if not call.cancelled():
+                        call.exception()  # retrieved: the first failure is the one raised
+            self._inflight.clear()
+
+    async def _request_rows(self, step: _Step, depth: int) -> _Step:
+        """Starts the pull of a step's rows on its own (no push to carry it), after every push it must see."""
+        if step.prep is not None:
+            while self._inflight and self._inflight[0][0].index <= step.index - depth:
+                await self._settle(len(self._inflight) - 1)
+            step.rows = asyncio.create_task(self.learner.exchange(None, [step.prep]))
+        return step
+
+    async def _settle(self, keep: int) -> None:
+        """Waits for the oldest pushes until at most ``keep`` are under way; acks the fetches they complete."""
+        while len(self._inflight) > keep:
+            step, call = self._inflight[0]
+            await call
+            self._inflight.popleft()
+            await self._finish(step)
+
+    async def _settle_done(self) -> None:
+        """Acks what the pushes that already completed (in order) allow, without waiting."""
+        while self._inflight and self._inflight[0][1].done():
+            step, call = self._inflight.popleft()
+            call.result()
+            await self._finish(step)
+
+    async def _finish(self, step: _Step) -> None:
+        """A step's push is acknowledged: when it ends its fetch, ack the fetch's messages and advance."""
+        if step.done is not None:
+            for msg in step.done.msgs:
+                await msg.ack()
+            self.position = max(self.position, step.done.last_seq)
+
+    def _checkpoint_due(self) -> bool:
+        return (
+            self.config.checkpoint_s > 0
+            and self._state_store is not None
+            and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_s
+        )
 
     async def _after_step(self, boundary: bool) -> None:
         await self._maybe_publish_dense()
@@ -595,12 +750,16 @@ def _store_lost_writes(exc: Exception) -> bool:
     )
 
 
+def _pull_parts(prep: Prepared) -> list[PullPart]:
+    return [(name, t.fids) for name, t in prep.plan.tables.items() if len(t.fids)]
+
+
 def _position_of(state: bytes) -> int:
     return int(torch.load(io.BytesIO(state), weights_only=False)["position"])
 
 
-def _slice(batch: SampleArrays, start: int, stop: int) -> SampleArrays:
-    offsets = np.concatenate([[0], np.cumsum(batch.lengths, dtype=np.int64)])
+def _slice(batch: SampleArrays, offsets: np.ndarray, start: int, stop: int) -> SampleArrays:
+    """Samples ``start:stop`` of a batch whose sample ``i`` owns fids ``offsets[i]:offsets[i + 1]``."""
     return SampleArrays(
         fids=batch.fids[offsets[start] : offsets[stop]],
         lengths=batch.lengths[start:stop],

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from freshet.common.v1 import tensor_pb2 as freshet_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reshet/store/v1/store.proto\x12\x10\x66reshet.store.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"E\n\x0bPullRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x04\x66ids\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\"_\n\x0cPullResponse\x12)\n\x06values\x18\x01 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\"\x9a\x01\n\x0bPushRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x04\x66ids\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12(\n\x05grads\x18\x03 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\"J\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0crows_updated\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\"D\n\rExportRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"\xb9\x01\n\x0e\x45xportResponse\x12\'\n\x04\x66ids\x18\x01 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06values\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08versions\x18\x03 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x14\n\x0cnext_version\x18\x04 \x01(\x03\x12\x10\n\x08has_more\x18\x05 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\xf5\x01\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\x03\x12\x1a\n\x12\x63heckpoint_version\x18\x06 \x01(\x03\x12\x16\n\x0e\x63heckpoint_tag\x18\x07 \x01(\t\x12\x35\n\x05stats\x18\x08 \x03(\x0b\x32&.freshet.store.v1.TableInfo.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"T\n\x11\x43heckpointRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x14\n\x0csnapshot_dir\x18\x02 \x01(\t\x12\x1c\n\x14\x65xpected_incarnation\x18\x03 \x01(\x04\"\'\n\x0fRollbackRequest\x12\x14\n\x0c\x65xpected_tag\x18\x01 \x01(\t\"A\n\x12\x43heckpointResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.freshet.store.v1.TableInfo\"w\n\x10\x44\x65scribeResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.freshet.store.v1.TableInfo\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x32\xec\x03\n\x0e\x45mbeddingStore\x12\x45\n\x04Pull\x12\x1d.freshet.store.v1.PullRequest\x1a\x1e.freshet.store.v1.PullResponse\x12\x45\n\x04Push\x12\x1d.freshet.store.v1.PushRequest\x1a\x1e.freshet.store.v1.PushResponse\x12K\n\x06\x45xport\x12\x1f.freshet.store.v1.ExportRequest\x1a .freshet.store.v1.ExportResponse\x12Q\n\x08\x44\x65scribe\x12!.freshet.store.v1.DescribeRequest\x1a\".freshet.store.v1.DescribeResponse\x12W\n\nCheckpoint\x12#.freshet.store.v1.CheckpointRequest\x1a$.freshet.store.v1.CheckpointResponse\x12S\n\x08Rollback\x12!.freshet.store.v1.RollbackRequest\x1a$.freshet.store.v1.CheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reshet/store/v1/store.proto\x12\x10\x66reshet.store.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"E\n\x0bPullRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x04\x66ids\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\"_\n\x0cPullResponse\x12)\n\x06values\x18\x01 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\"\x9a\x01\n\x0bPushRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\'\n\x04\x66ids\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12(\n\x05grads\x18\x03 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\"J\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0crows_updated\x18\x02 \x01(\x03\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\"n\n\x0fPushPullRequest\x12-\n\x06pushes\x18\x01 \x03(\x0b\x32\x1d.freshet.store.v1.PushRequest\x12,\n\x05pulls\x18\x02 \x03(\x0b\x32\x1d.freshet.store.v1.PullRequest\"\x86\x01\n\x10PushPullResponse\x12.\n\x06pushes\x18\x01 \x03(\x0b\x32\x1e.freshet.store.v1.PushResponse\x12-\n\x05pulls\x18\x02 \x03(\x0b\x32\x1e.freshet.store.v1.PullResponse\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\"D\n\rExportRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"\xb9\x01\n\x0e\x45xportResponse\x12\'\n\x04\x66ids\x18\x01 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06values\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08versions\x18\x03 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x14\n\x0cnext_version\x18\x04 \x01(\x03\x12\x10\n\x08has_more\x18\x05 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\xf5\x01\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\x03\x12\x1a\n\x12\x63heckpoint_version\x18\x06 \x01(\x03\x12\x16\n\x0e\x63heckpoint_tag\x18\x07 \x01(\t\x12\x35\n\x05stats\x18\x08 \x03(\x0b\x32&.freshet.store.v1.TableInfo.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"T\n\x11\x43heckpointRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x14\n\x0csnapshot_dir\x18\x02 \x01(\t\x12\x1c\n\x14\x65xpected_incarnation\x18\x03 \x01(\x04\"\'\n\x0fRollbackRequest\x12\x14\n\x0c\x65xpected_tag\x18\x01 \x01(\t\"A\n\x12\x43heckpointResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.freshet.store.v1.TableInfo\"w\n\x10\x44\x65scribeResponse\x12+\n\x06tables\x18\x01 \x03(\x0b\x32\x1b.freshet.store.v1.TableInfo\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x32\xbf\x04\n\x0e\x45mbeddingStore\x12\x45\n\x04Pull\x12\x1d.freshet.store.v1.PullRequest\x1a\x1e.freshet.store.v1.PullResponse\x12\x45\n\x04Push\x12\x1d.freshet.store.v1.PushRequest\x1a\x1e.freshet.store.v1.PushResponse\x12Q\n\x08PushPull\x12!.freshet.store.v1.PushPullRequest\x1a\".freshet.store.v1.PushPullResponse\x12K\n\x06\x45xport\x12\x1f.freshet.store.v1.ExportRequest\x1a .freshet.store.v1.ExportResponse\x12Q\n\x08\x44\x65scribe\x12!.freshet.store.v1.DescribeRequest\x1a\".freshet.store.v1.DescribeResponse\x12W\n\nCheckpoint\x12#.freshet.store.v1.CheckpointRequest\x1a$.freshet.store.v1.CheckpointResponse\x12S\n\x08Rollback\x12!.freshet.store.v1.RollbackRequest\x1a$.freshet.store.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,24 +42,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREQUEST']._serialized_end=405
   _globals['_PUSHRESPONSE']._serialized_start=407
   _globals['_PUSHRESPONSE']._serialized_end=481
-  _globals['_EXPORTREQUEST']._serialized_start=483
-  _globals['_EXPORTREQUEST']._serialized_end=551
-  _globals['_EXPORTRESPONSE']._serialized_start=554
-  _globals['_EXPORTRESPONSE']._serialized_end=739
-  _globals['_DESCRIBEREQUEST']._serialized_start=741
-  _globals['_DESCRIBEREQUEST']._serialized_end=758
-  _globals['_TABLEINFO']._serialized_start=761
-  _globals['_TABLEINFO']._serialized_end=1006
-  _globals['_TABLEINFO_STATSENTRY']._serialized_start=962
-  _globals['_TABLEINFO_STATSENTRY']._serialized_end=1006
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1008
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1092
-  _globals['_ROLLBACKREQUEST']._serialized_start=1094
-  _globals['_ROLLBACKREQUEST']._serialized_end=1133
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=1135
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1200
-  _globals['_DESCRIBERESPONSE']._serialized_start=1202
-  _globals['_DESCRIBERESPONSE']._serialized_end=1321
-  _globals['_EMBEDDINGSTORE']._serialized_start=1324
-  _globals['_EMBEDDINGSTORE']._serialized_end=1816
+  _globals['_PUSHPULLREQUEST']._serialized_start=483
+  _globals['_PUSHPULLREQUEST']._serialized_end=593
+  _globals['_PUSHPULLRESPONSE']._serialized_start=596
+  _globals['_PUSHPULLRESPONSE']._serialized_end=730
+  _globals['_EXPORTREQUEST']._serialized_start=732
+  _globals['_EXPORTREQUEST']._serialized_end=800
+  _globals['_EXPORTRESPONSE']._serialized_start=803
+  _globals['_EXPORTRESPONSE']._serialized_end=988
+  _globals['_DESCRIBEREQUEST']._serialized_start=990
+  _globals['_DESCRIBEREQUEST']._serialized_end=1007
+  _globals['_TABLEINFO']._serialized_start=1010
+  _globals['_TABLEINFO']._serialized_end=1255
+  _globals['_TABLEINFO_STATSENTRY']._serialized_start=1211
+  _globals['_TABLEINFO_STATSENTRY']._serialized_end=1255
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1257
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1341
+  _globals['_ROLLBACKREQUEST']._serialized_start=1343
+  _globals['_ROLLBACKREQUEST']._serialized_end=1382
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1384
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1449
+  _globals['_DESCRIBERESPONSE']._serialized_start=1451
+  _globals['_DESCRIBERESPONSE']._serialized_end=1570
+  _globals['_EMBEDDINGSTORE']._serialized_start=1573
+  _globals['_EMBEDDINGSTORE']._serialized_end=2148
 # @@protoc_insertion_point(module_scope)

@@ -47,6 +47,24 @@ class PushResponse(_message.Message):
     incarnation: int
     def __init__(self, version: _Optional[int] = ..., rows_updated: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
+class PushPullRequest(_message.Message):
+    __slots__ = ("pushes", "pulls")
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    pushes: _containers.RepeatedCompositeFieldContainer[PushRequest]
+    pulls: _containers.RepeatedCompositeFieldContainer[PullRequest]
+    def __init__(self, pushes: _Optional[_Iterable[_Union[PushRequest, _Mapping]]] = ..., pulls: _Optional[_Iterable[_Union[PullRequest, _Mapping]]] = ...) -> None: ...
+
+class PushPullResponse(_message.Message):
+    __slots__ = ("pushes", "pulls", "incarnation")
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    pushes: _containers.RepeatedCompositeFieldContainer[PushResponse]
+    pulls: _containers.RepeatedCompositeFieldContainer[PullResponse]
+    incarnation: int
+    def __init__(self, pushes: _Optional[_Iterable[_Union[PushResponse, _Mapping]]] = ..., pulls: _Optional[_Iterable[_Union[PullResponse, _Mapping]]] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
 class ExportRequest(_message.Message):
     __slots__ = ("table", "since_version", "limit")
     TABLE_FIELD_NUMBER: _ClassVar[int]

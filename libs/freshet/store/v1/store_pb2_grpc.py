@@ -45,6 +45,11 @@ class EmbeddingStoreStub:
                 request_serializer=freshet_dot_store_dot_v1_dot_store__pb2.PushRequest.SerializeToString,
                 response_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.PushResponse.FromString,
                 _registered_method=True)
+        self.PushPull = channel.unary_unary(
+                '/freshet.store.v1.EmbeddingStore/PushPull',
+                request_serializer=freshet_dot_store_dot_v1_dot_store__pb2.PushPullRequest.SerializeToString,
+                response_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.PushPullResponse.FromString,
+                _registered_method=True)
         self.Export = channel.unary_unary(
                 '/freshet.store.v1.EmbeddingStore/Export',
                 request_serializer=freshet_dot_store_dot_v1_dot_store__pb2.ExportRequest.SerializeToString,
@@ -80,6 +85,15 @@ class EmbeddingStoreServicer:
 
     def Push(self, request, context):
         """Applies gradients with the table's optimizer; duplicate fids are summed first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPull(self, request, context):
+        """Pushes, then pulls, in one call: every push is applied, in order, before any pull reads, so a
+        trainer sends a step's gradients together with the fids of a later step (one round trip per
+        step instead of two). Every part is checked first: a bad one rejects the call, nothing changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +145,11 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.PushRequest.FromString,
                     response_serializer=freshet_dot_store_dot_v1_dot_store__pb2.PushResponse.SerializeToString,
+            ),
+            'PushPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=freshet_dot_store_dot_v1_dot_store__pb2.PushPullRequest.FromString,
+                    response_serializer=freshet_dot_store_dot_v1_dot_store__pb2.PushPullResponse.SerializeToString,
             ),
             'Export': grpc.unary_unary_rpc_method_handler(
                     servicer.Export,
@@ -208,6 +227,33 @@ class EmbeddingStore:
             '/freshet.store.v1.EmbeddingStore/Push',
             freshet_dot_store_dot_v1_dot_store__pb2.PushRequest.SerializeToString,
             freshet_dot_store_dot_v1_dot_store__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freshet.store.v1.EmbeddingStore/PushPull',
+            freshet_dot_store_dot_v1_dot_store__pb2.PushPullRequest.SerializeToString,
+            freshet_dot_store_dot_v1_dot_store__pb2.PushPullResponse.FromString,
             options,
             channel_credentials,
             insecure,
