@@ -107,3 +107,32 @@ def test_binned_overall_auc_matches_exact_auc_and_tail_auc_uses_the_end():
 def test_tail_auc_needs_recording():
     with pytest.raises(ValueError, match="record=True"):
         ProgressiveMetrics().tail_auc(0.8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_and_overall_metrics_match_brute_force_over_uneven_batches(seed, monkeypatch):
+    """Batches of random sizes (some longer than the window, some wrapping the ring), with the histogram
+    folded every few batches and read in between: the window holds exactly the last ``window`` samples."""
+    monkeypatch.setattr(ProgressiveMetrics, "FOLD", 300)
+    rng = np.random.default_rng(seed)
+    m = ProgressiveMetrics(window=257)
+    seen_scores, seen_labels = [], []
+    for _ in range(40):
+        n = int(rng.integers(1, 600))
+        labels = (rng.random(n) < 0.3).astype(float)
+        scores = np.clip(0.2 * labels + rng.random(n) * 0.8, 0, 1)
+        m.update(scores, labels)
+        seen_scores.append(scores)
+        seen_labels.append(labels)
+        all_scores, all_labels = np.concatenate(seen_scores), np.concatenate(seen_labels)
+        assert m.window_auc() == pytest.approx(auc(all_scores[-257:], all_labels[-257:]))
+        assert m.window_log_loss() == pytest.approx(log_loss(all_scores[-257:], all_labels[-257:]))
+        if rng.random() < 0.3:
+            assert m.auc() == pytest.approx(auc(all_scores, all_labels), abs=1e-3)
+    assert m.count == len(all_labels)
+    assert m.auc() == pytest.approx(auc(all_scores, all_labels), abs=1e-3)
+
+
+def test_window_must_be_positive():
+    with pytest.raises(ValueError, match="window must be positive"):
+        ProgressiveMetrics(window=0)
