@@ -317,3 +317,38 @@ async def test_loop_returns_once_stop_is_set(js):
 
     await assert_eventually(task.done, timeout_s=3, message="loop returned after stop")
     assert task.result() is None
+
+
+async def test_prefetching_loop_fetches_the_next_batch_while_handling_and_keeps_delivery_order(js):
+    fetches_started = 0
+    next_fetch_started = asyncio.Event()
+    handled: list[bytes] = []
+    overlapped = 0
+
+    class Recording(PullLoop):
+        async def _fetch(self, sub) -> list[Msg]:
+            nonlocal fetches_started
+            fetches_started += 1
+            next_fetch_started.set()
+            return await super()._fetch(sub)
+
+    async def handler(msgs: list[Msg]) -> list[Outcome]:
+        nonlocal overlapped
+        started = fetches_started
+        next_fetch_started.clear()
+        # Yields until the next fetch is under way: with prefetch it starts before this batch is handled.
+        await asyncio.wait_for(next_fetch_started.wait(), timeout=5)
+        overlapped += fetches_started > started
+        handled.extend(m.data for m in msgs)
+        return [Outcome.ACK] * len(msgs)
+
+    sent = [f"m{i}".encode() for i in range(40)]
+    for data in sent:
+        await publish(js, "events.a", data)
+    loop = Recording(js, _spec(), handler, SOURCE, batch=4, fetch_timeout_s=0.1, prefetch=True)
+
+    async with _running(loop) as task:
+        await _until(task, lambda: _settled(js, len(sent)), "every message handled and acked")
+
+    assert handled == sent  # once each, in stream order
+    assert overlapped >= len(sent) // 4  # every batch was handled while the next fetch ran

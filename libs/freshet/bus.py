@@ -231,6 +231,12 @@ class PullLoop:
     exception naks the whole batch with ``nak_delay_s``; on the last allowed delivery the
     message is dead-lettered and termed instead, so a poison message never blocks the stream.
     ``PullLoop.per_message`` adapts a one-message handler, keeping failures per message.
+
+    With ``prefetch`` the next fetch runs while the handler works on the current batch, so a handler
+    that yields to the event loop (e.g. between parts of a large batch) does not sit idle while the
+    next batch arrives. Batches still reach the handler one at a time, in delivery order: only one
+    fetch is ever in flight, and the next one starts after the previous one returned. Empty fetches
+    are not handed on.
     """
 
     js: JetStreamContext
@@ -240,12 +246,16 @@ class PullLoop:
     batch: int = 256
     fetch_timeout_s: float = 0.5
     nak_delay_s: float = 1.0
+    prefetch: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"acked": 0, "naked": 0, "dead_lettered": 0})
 
     async def run(self, stop: asyncio.Event) -> None:
         await declare_consumer(self.js, self.spec)
         sub = await self.js.pull_subscribe_bind(self.spec.durable, stream=self.spec.stream)
         try:
+            if self.prefetch:
+                await self._run_prefetching(sub, stop)
+                return
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout_s)
@@ -258,6 +268,30 @@ class PullLoop:
                 await self._handle(msgs)
         finally:
             await sub.unsubscribe()
+
+    async def _run_prefetching(self, sub, stop: asyncio.Event) -> None:
+        fetch = asyncio.ensure_future(self._fetch(sub))
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await fetch
+                except nats.errors.ConnectionClosedError:
+                    if stop.is_set():
+                        break
+                    raise
+                fetch = asyncio.ensure_future(self._fetch(sub))
+                if msgs:
+                    await self._handle(msgs)
+        finally:
+            # Messages a cancelled fetch already received stay unacknowledged: they come back as after a crash.
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+
+    async def _fetch(self, sub) -> list[Msg]:
+        try:
+            return await sub.fetch(self.batch, timeout=self.fetch_timeout_s)
+        except (NatsTimeoutError, TimeoutError):
+            return []
 
     async def _handle(self, msgs: list[Msg]) -> None:
         try:

@@ -56,6 +56,22 @@ class JoinerConfig:
         "longest wait of a pull for more messages once one arrived (bounds the join latency it adds)",
         0.01,
     )
+    step_events: int = env_field(
+        "FRESHET_JOINER_STEP_EVENTS",
+        "events per join step (whole messages: a step ends with the message that reaches it); each step's "
+        "samples are committed and published while the rest of a fetch is joined",
+        8192,
+    )
+    publish_window: int = env_field(
+        "FRESHET_JOINER_PUBLISH_WINDOW",
+        "sample messages per partition published and not yet acknowledged by JetStream at most",
+        8,
+    )
+    publish_timeout_s: float = env_field(
+        "FRESHET_JOINER_PUBLISH_TIMEOUT_S",
+        "how long a sample message's acknowledgement may take before it is published again (same id)",
+        5.0,
+    )
     samples_per_message: int = env_field(
         "FRESHET_JOINER_SAMPLES_PER_MESSAGE", "samples per SampleBatch message at most (keep it under 1 MB)", 2048
     )

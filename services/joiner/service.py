@@ -2,18 +2,20 @@
 
 Events arrive one per message (``events.impressions.<p>``, ``events.actions.<p>``) or batched
 (``events.batch.<p>``, an ``EventBatch``; see ``freshet.eventlog``). Exactly once, across crashes:
-for each fetched batch of messages the joiner (1) runs the event-time join (``EventJoin``; the
-rules are in ``services/joiner/eventjoin.py``), (2) encodes the samples it produced as
-``SampleBatch`` messages of at most ``FRESHET_JOINER_SAMPLES_PER_MESSAGE`` samples and stages them
-in the join state's outbox, (3) commits state and outbox atomically, (4) publishes the staged
-messages with ``Nats-Msg-Id = sb:<partition>:<epoch>:<seq>`` and waits for JetStream's
-acknowledgements, and only then (5) acknowledges the input messages. Steps 4 and 5 run in a delivery
-worker per partition, in outbox order, while the next batch is joined.
+a fetched batch of messages is joined in steps of about ``FRESHET_JOINER_STEP_EVENTS`` events (whole
+messages), and for each step the joiner (1) runs the event-time join (``EventJoin``; the rules are
+in ``services/joiner/eventjoin.py``), (2) encodes the samples it produced as ``SampleBatch`` messages
+of at most ``FRESHET_JOINER_SAMPLES_PER_MESSAGE`` samples and stages them in the join state's outbox,
+(3) commits state and outbox atomically, (4) publishes the staged messages with
+``Nats-Msg-Id = sb:<partition>:<epoch>:<seq>`` and waits for JetStream's acknowledgements, and only
+then (5) acknowledges the step's input messages. Steps 4 and 5 run in a delivery worker per partition
+(``services/joiner/delivery.py``), in outbox order with several publishes in flight, while the next
+step is joined and the next batch fetched.
 
 A crash before (3) replays the inputs against the previous state: the same samples are produced
 again and staged under the same sequence numbers. A crash after (3) leaves the staged messages in
-the outbox; on start the joiner publishes every one the SAMPLES stream does not already end with
-(the last message on ``samples.<p>`` names the last delivered sequence), and the inputs replayed
+the outbox; on start the joiner publishes every one the SAMPLES stream does not hold (the last
+message on ``samples.<p>`` bounds where to look; see ``delivery.py``), and the inputs replayed
 after the ack floor are ones the state has already seen, which the join rules turn into no new
 samples. ``epoch`` is chosen when a partition's state is created, so a joiner whose state was wiped
 never reuses a message id JetStream might still remember.
@@ -39,6 +41,7 @@ from freshet.config import BusConfig
 from freshet.events.v1 import events_pb2
 from freshet.runtime import NatsMixin, Service
 from services.joiner.config import JoinerConfig
+from services.joiner.delivery import Delivery, SampleDeliverer
 from services.joiner.eventjoin import ActionEvent, EventJoin, ImpressionEvent, JoinedSample
 from services.joiner.joinstate import ACTION_TYPES, MemoryJoinState, RocksJoinState, context_pairs
 
@@ -164,7 +167,7 @@ def message_events(
 
 
 class PartitionJoin:
-    """The join of one event partition: its own consumer, join state and watermark."""
+    """The join of one event partition: its own consumer, join state, watermark and sample deliverer."""
 
     def __init__(self, partition: int, config: JoinerConfig) -> None:
         self.partition = partition
@@ -175,9 +178,10 @@ class PartitionJoin:
         self.join = EventJoin(config.join_config(), self.state)
         self.samples_per_message = config.samples_per_message
         self.lock = asyncio.Lock()  # one join step (join, stage, commit) at a time
-        # Staged outputs waiting to be published, in outbox order: (staged, parent headers, inputs to ack).
+        # Join steps' staged outputs waiting to be published, in outbox order (``Delivery``; None: stop).
         self.deliveries: asyncio.Queue = asyncio.Queue(maxsize=8)
         self.loop: bus.PullLoop | None = None
+        self.delivery: SampleDeliverer | None = None
         self.deliverer: asyncio.Task | None = None
         self.spec = bus.ConsumerSpec(
             stream=bus.EVENTS.name,
@@ -218,9 +222,16 @@ class JoinerService(NatsMixin, Service):
                 f"FRESHET_JOINER_PARTITIONS {bad} outside [0, FRESHET_PARTITIONS={config.partitions})"
             )
         self.partitions = [PartitionJoin(p, config) for p in owned]
-        self.samples_published = 0
-        self.outputs_republished = 0  # staged before a crash, published on start
         self.invalid_events = 0  # dead-lettered: whole messages and single entries of batches
+
+    @property
+    def samples_published(self) -> int:
+        return sum(part.delivery.samples_published for part in self.partitions if part.delivery)
+
+    @property
+    def outputs_republished(self) -> int:
+        """Outputs staged before a crash and published on start."""
+        return sum(part.delivery.outputs_republished for part in self.partitions if part.delivery)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -234,7 +245,15 @@ class JoinerService(NatsMixin, Service):
     async def _start(self) -> None:
         await self._connect_nats(self.bus_config, "freshet-joiner")
         for part in self.partitions:
-            await self._recover_outbox(part)
+            part.delivery = SampleDeliverer(
+                self.js,
+                part.partition,
+                part.join,
+                window=self.config.publish_window,
+                timeout_s=self.config.publish_timeout_s,
+                give_up=lambda: self.stopping.is_set() and self.nc.is_closed,
+            )
+            await part.delivery.recover()
             spec = await self._resume_in_order(part.spec)
             part.loop = bus.PullLoop(
                 self.js,
@@ -243,13 +262,14 @@ class JoinerService(NatsMixin, Service):
                 source="events",
                 batch=self.config.fetch_batch,
                 fetch_timeout_s=self.config.fetch_timeout_s,
+                prefetch=True,  # the next fetch arrives while a batch is joined (its steps yield in between)
             )
             self.spawn(part.loop.run(self.stopping), f"joiner-consume-p{part.partition}")
             self.spawn(self._tick_forever(part), f"joiner-tick-p{part.partition}")
+            # Drains its queue on shutdown before exiting; what it cannot publish stays in the outbox.
+            part.deliverer = self.spawn(part.delivery.run(part.deliveries), f"joiner-deliver-p{part.partition}")
         if self.config.gc_freeze_s > 0:
             self.spawn(self._freeze_forever(), "joiner-gc-freeze")
-            # Drains its queue on shutdown before exiting; what it cannot publish stays in the outbox.
-            part.deliverer = self.spawn(self._deliver_forever(part), f"joiner-deliver-p{part.partition}")
 
     async def _resume_in_order(self, spec: bus.ConsumerSpec) -> bus.ConsumerSpec:
         """Restarts the consumer right after its ack floor, so un-acked events come back first and in order.
@@ -273,36 +293,63 @@ class JoinerService(NatsMixin, Service):
             part.state.close()
 
     async def _on_batch(self, part: PartitionJoin, msgs: list[Msg]) -> list[bus.Outcome]:
+        """Joins a fetched batch in steps of about ``step_events`` events, each committed and handed to delivery.
+
+        A large fetch (hundreds of messages of hundreds of events) would otherwise be joined whole before
+        its first sample is published. Between steps the event loop runs: the deliverer publishes the
+        previous steps' samples and the next fetch arrives.
+        """
+        handed = 0  # msgs[:handed] are settled by delivery (or rejected)
         async with part.lock:
-            outcomes, produced, parents = [], [], []
-            join = part.join
-            for msg in msgs:
-                try:
-                    events, bad = message_events(msg.subject, msg.data)
-                except bus.Reject as rej:
-                    await part.loop.reject(msg, rej.reason)
-                    self.invalid_events += 1
-                    outcomes.append(bus.Outcome.DEFER)
-                    continue
-                for index, data, reason in bad:
-                    logger.warning(
-                        "event rejected", extra={"subject": msg.subject, "index": index, "reason": reason}
-                    )
-                    await bus.dead_letter(self.js, "events", msg, reason, part=index, data=data)
-                    self.invalid_events += 1
-                before = len(produced)
-                produced += join.on_events(events)
-                if len(produced) > before and msg.headers:
-                    parents.append(msg.headers)
-                outcomes.append(bus.Outcome.ACK)
-            produced += join.advance(bus.now_ms())
-            staged = part.stage(produced)
-        # The samples are committed in the outbox: the delivery worker publishes them in order and
-        # acknowledges these inputs after JetStream has acknowledged the samples; meanwhile the next
-        # batch is joined. A full queue holds the consumer back (back-pressure).
-        acked = [msg for msg, outcome in zip(msgs, outcomes, strict=True) if outcome is bus.Outcome.ACK]
-        await part.deliveries.put((staged, parents, acked))
+            try:
+                join, step_events = part.join, self.config.step_events
+                produced, parents, acked, events_in_step = [], [], [], 0
+                for i, msg in enumerate(msgs):
+                    try:
+                        events, bad = message_events(msg.subject, msg.data)
+                    except bus.Reject as rej:
+                        await part.loop.reject(msg, rej.reason)
+                        self.invalid_events += 1
+                        events, bad = [], []
+                    else:
+                        acked.append(msg)
+                    for index, data, reason in bad:
+                        logger.warning(
+                            "event rejected", extra={"subject": msg.subject, "index": index, "reason": reason}
+                        )
+                        await bus.dead_letter(self.js, "events", msg, reason, part=index, data=data)
+                        self.invalid_events += 1
+                    if events:
+                        before = len(produced)
+                        produced += join.on_events(events)
+                        if len(produced) > before and msg.headers:
+                            parents.append(msg.headers)
+                        events_in_step += len(events)
+                    if events_in_step >= step_events or i == len(msgs) - 1:
+                        await self._hand_on(part, produced, parents, acked)
+                        handed = i + 1
+                        produced, parents, acked, events_in_step = [], [], [], 0
+                        if i < len(msgs) - 1:
+                            await asyncio.sleep(0)  # let delivery and the next fetch run between steps
+                            if self.stopping.is_set():
+                                break  # the rest stays unacknowledged: it comes back first after a restart
+            except Exception as exc:  # noqa: BLE001 - the messages not handed on are retried as a failed batch
+                logger.warning("join step failed, will retry", extra={"error": repr(exc)})
+                for msg in msgs[handed:]:
+                    await part.loop.retry_or_dead_letter(msg, repr(exc))
         return [bus.Outcome.DEFER] * len(msgs)
+
+    @staticmethod
+    async def _hand_on(part: PartitionJoin, produced: list[JoinedSample], parents: list, acked: list[Msg]) -> None:
+        """Ends a join step: stages and commits its samples, then queues them for delivery.
+
+        The samples are committed in the outbox: the deliverer publishes them in order and acknowledges
+        these inputs after JetStream has acknowledged the samples; meanwhile the join goes on. A full
+        queue holds the join back (back-pressure).
+        """
+        produced += part.join.advance(bus.now_ms())
+        staged = part.stage(produced)
+        await part.deliveries.put(Delivery(staged, parents, acked))
 
     async def _tick_forever(self, part: PartitionJoin) -> None:
         """Advances the watermark without events, so windows close when traffic stops."""
@@ -316,7 +363,7 @@ class JoinerService(NatsMixin, Service):
                 fired = part.join.advance(bus.now_ms(), input_drained=drained)
                 staged = part.stage(fired) if fired else []
             if staged:
-                await part.deliveries.put((staged, [], []))
+                await part.deliveries.put(Delivery(staged))
 
     async def _freeze_forever(self) -> None:
         """Collects the young generation, then freezes every object left, every ``gc_freeze_s``.
@@ -344,89 +391,7 @@ class JoinerService(NatsMixin, Service):
             return True  # not created yet, or NATS unreachable: the clock decides, as without this check
         return info.num_pending == 0
 
-    async def _deliver_forever(self, part: PartitionJoin) -> None:
-        """Publishes staged samples in outbox order, then acknowledges the inputs that produced them.
-
-        In order, because a restart recovers the outbox from the last message of ``samples.<p>``. A
-        failed publish is retried (same message id) until it succeeds or the joiner stops; what is
-        left then stays in the outbox for the next start. Returns at the ``None`` that ``_before_drain``
-        queues on shutdown, after delivering what is queued by then.
-        """
-        queue = part.deliveries
-        while (item := await queue.get()) is not None:
-            await self._deliver_staged(part, *item)
-        while not queue.empty():
-            if (item := queue.get_nowait()) is not None:
-                await self._deliver_staged(part, *item)
-
     async def _before_drain(self) -> None:
         for part in self.partitions:
             if part.deliverer is not None and not part.deliverer.done():
                 await part.deliveries.put(None)  # waits only while the worker, still running, catches up
-
-    async def _deliver_staged(
-        self, part: PartitionJoin, staged: list[tuple[int, bytes, int]], parents: list, acked: list[Msg]
-    ) -> None:
-        # The first input carrying a trace is the parent, so its trace continues through training; the
-        # others are linked. Without any, there is nothing to continue and no span (a span costs about as
-        # much as publishing the samples).
-        traced = [headers for headers in parents if telemetry.links_from([headers])]
-        if traced:
-            with tracer.start_as_current_span(
-                "join_batch",
-                context=telemetry.extract_headers(traced[0]),
-                links=telemetry.links_from(traced[1:]),
-                attributes={"samples": sum(n for _, _, n in staged), "partition": part.partition},
-            ):
-                for seq, data, n in staged:
-                    await self._deliver(part, seq, data)
-                    self.samples_published += n
-        else:
-            for seq, data, n in staged:
-                await self._deliver(part, seq, data)
-                self.samples_published += n
-        for msg in acked:
-            await msg.ack()
-
-    async def _deliver(self, part: PartitionJoin, seq: int, data: bytes) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await bus.publish(self.js, f"samples.{part.partition}", data, msg_id=self._msg_id(part, seq))
-                break
-            except (nats.errors.Error, TimeoutError) as exc:
-                if self.stopping.is_set() and self.nc.is_closed:
-                    raise
-                logger.warning("publishing samples failed; retrying", extra={"seq": seq, "error": repr(exc)})
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
-        part.join.output_delivered(seq)
-
-    def _msg_id(self, part: PartitionJoin, seq: int) -> str:
-        return f"sb:{part.partition}:{part.join.epoch}:{seq}"
-
-    async def _recover_outbox(self, part: PartitionJoin) -> None:
-        """Publishes the outputs committed before a crash that the SAMPLES stream does not hold yet."""
-        pending = part.join.pending_outputs()
-        if not pending:
-            return
-        delivered = 0
-        try:
-            last = await self.js.get_last_msg(bus.SAMPLES.name, f"samples.{part.partition}")
-            prefix = self._msg_id(part, 0)[:-1]
-            last_id = (last.headers or {}).get(bus.MSG_ID, "")
-            if last_id.startswith(prefix) and last_id[len(prefix) :].isdigit():
-                delivered = int(last_id[len(prefix) :])
-        except NotFoundError:
-            pass
-        for seq, data in pending:
-            if seq > delivered:
-                await self._deliver(part, seq, data)
-                self.outputs_republished += 1
-            else:
-                part.join.output_delivered(seq)
-        part.join.commit()
-        logger.info(
-            "outbox recovered",
-            extra={"partition": part.partition, "pending": len(pending), "republished": self.outputs_republished},
-        )
