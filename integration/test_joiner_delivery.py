@@ -164,3 +164,52 @@ async def test_a_fetch_joined_in_steps_publishes_its_first_samples_before_its_la
     joins = [i for i, what in enumerate(order) if what == "join"]
     assert len(joins) == 40
     assert order.index("send") < joins[-1]
+
+
+async def test_a_join_step_failing_with_uncommitted_state_stops_the_joiner_and_a_restart_loses_nothing(
+    js, nats_url, tmp_path, monkeypatch
+):
+    """The join raises in the middle of a step, after earlier messages of the step were joined: retrying
+    the step's messages would find their events in the state (duplicates) while their samples were never
+    staged. The joiner stops instead, unacknowledged; restarted on the committed state, it makes every
+    sample exactly once."""
+    on_events = EventJoin.on_events
+    calls = {"n": 0}
+
+    def failing_once(self, events):
+        calls["n"] += 1
+        if calls["n"] == 15:  # the 5th message of the second step of 10
+            raise OSError("injected failure inside the join")
+        return on_events(self, events)
+
+    monkeypatch.setattr(EventJoin, "on_events", failing_once)
+    config = JoinerConfig(
+        state_dir=str(tmp_path / "state"),
+        window_s=0.05,
+        allowed_lateness_s=0,
+        idle_timeout_s=60,
+        step_events=100,
+        fetch_batch=512,
+        fetch_timeout_s=1.0,
+    )
+    t = bus.now_ms() - 60_000
+    for m in range(40):  # 40 messages of 10 impressions, 1 s apart: each closes the previous one's windows
+        batch = events_pb2.EventBatch()
+        for i in range(10):
+            imp = batch.events.add().impression
+            imp.request_id, imp.user_id, imp.item_id, imp.event_time_ms = f"f{m}-{i}", 1, i, t + m * 1000
+        await bus.publish(js, "events.batch.0", batch.SerializeToString())
+    async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
+        await asyncio.wait_for(joiner.stopping.wait(), timeout=10)
+        assert isinstance(joiner.failed, OSError)
+    assert calls["n"] == 15
+    with_samples = len(await _stream_ids(js))
+    assert with_samples < 390  # it stopped before the end
+
+    async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
+        await assert_eventually(lambda: joiner.counts["negatives"] >= 390, timeout_s=10)
+        assert joiner.failed is None
+    ids = await _stream_ids(js)
+    expected = {f"f{m}-{i}:{i}:v1" for m in range(39) for i in range(10)}  # the last message's stay open
+    assert len(ids) == len(set(ids)) == 390
+    assert set(ids) == expected

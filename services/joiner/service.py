@@ -178,6 +178,7 @@ class PartitionJoin:
         self.join = EventJoin(config.join_config(), self.state)
         self.samples_per_message = config.samples_per_message
         self.lock = asyncio.Lock()  # one join step (join, stage, commit) at a time
+        self.broken: BaseException | None = None  # a join step failed with uncommitted state: never commit
         # Join steps' staged outputs waiting to be published, in outbox order (``Delivery``; None: stop).
         self.deliveries: asyncio.Queue = asyncio.Queue(maxsize=8)
         self.loop: bus.PullLoop | None = None
@@ -194,8 +195,12 @@ class PartitionJoin:
     def stage(self, produced: list[JoinedSample]) -> list[tuple[int, bytes, int]]:
         """Encodes the samples as messages in the outbox and commits them with the join state.
 
-        Returns (outbox seq, message, samples) per message.
+        Returns (outbox seq, message, samples) per message. Raises ``RuntimeError`` once a join step
+        failed with uncommitted state (``broken``): committing it would make that step's events count
+        as joined while their samples are lost.
         """
+        if self.broken is not None:
+            raise RuntimeError(f"partition {self.partition}: join state not committed after {self.broken!r}")
         size = self.samples_per_message
         staged = []
         for i in range(0, len(produced), size):
@@ -298,8 +303,15 @@ class JoinerService(NatsMixin, Service):
         A large fetch (hundreds of messages of hundreds of events) would otherwise be joined whole before
         its first sample is published. Between steps the event loop runs: the deliverer publishes the
         previous steps' samples and the next fetch arrives.
+
+        Failures: a step ends before a message's dead-letter or reject I/O, so a failing one finds the
+        join state committed and its message and the rest are retried. A failure while the state holds
+        joined events not yet committed (the join itself, or the commit) stops the joiner instead: those
+        events' samples would be lost, and a retry would count the events as duplicates. The messages stay
+        unacknowledged; the restarted joiner reopens the committed state and reads them again first.
         """
         handed = 0  # msgs[:handed] are settled by delivery (or rejected)
+        dirty = False  # the join state holds events of this step that are not committed
         async with part.lock:
             try:
                 join, step_events = part.join, self.config.step_events
@@ -307,10 +319,16 @@ class JoinerService(NatsMixin, Service):
                 for i, msg in enumerate(msgs):
                     try:
                         events, bad = message_events(msg.subject, msg.data)
+                        rejected = None
                     except bus.Reject as rej:
-                        await part.loop.reject(msg, rej.reason)
+                        events, bad, rejected = [], [], rej.reason
+                    if (rejected is not None or bad) and dirty:
+                        await self._hand_on(part, produced, parents, acked)  # commit before the I/O below
+                        handed, dirty = i, False
+                        produced, parents, acked, events_in_step = [], [], [], 0
+                    if rejected is not None:
+                        await part.loop.reject(msg, rejected)
                         self.invalid_events += 1
-                        events, bad = [], []
                     else:
                         acked.append(msg)
                     for index, data, reason in bad:
@@ -320,6 +338,7 @@ class JoinerService(NatsMixin, Service):
                         await bus.dead_letter(self.js, "events", msg, reason, part=index, data=data)
                         self.invalid_events += 1
                     if events:
+                        dirty = True
                         before = len(produced)
                         produced += join.on_events(events)
                         if len(produced) > before and msg.headers:
@@ -327,17 +346,27 @@ class JoinerService(NatsMixin, Service):
                         events_in_step += len(events)
                     if events_in_step >= step_events or i == len(msgs) - 1:
                         await self._hand_on(part, produced, parents, acked)
-                        handed = i + 1
+                        handed, dirty = i + 1, False
                         produced, parents, acked, events_in_step = [], [], [], 0
                         if i < len(msgs) - 1:
                             await asyncio.sleep(0)  # let delivery and the next fetch run between steps
                             if self.stopping.is_set():
                                 break  # the rest stays unacknowledged: it comes back first after a restart
-            except Exception as exc:  # noqa: BLE001 - the messages not handed on are retried as a failed batch
+            except Exception as exc:  # noqa: BLE001 - retried when the state is committed, fatal otherwise
+                if dirty:
+                    part.broken = exc
+                    self._fail(exc, "join step failed with uncommitted join state; stopping")
+                    return [bus.Outcome.DEFER] * len(msgs)
                 logger.warning("join step failed, will retry", extra={"error": repr(exc)})
                 for msg in msgs[handed:]:
                     await part.loop.retry_or_dead_letter(msg, repr(exc))
         return [bus.Outcome.DEFER] * len(msgs)
+
+    def _fail(self, exc: BaseException, message: str) -> None:
+        """Stops the service as a crashed background task would (exit status 1)."""
+        self.failed = exc
+        logger.error(message, exc_info=exc)
+        self.stopping.set()
 
     @staticmethod
     async def _hand_on(part: PartitionJoin, produced: list[JoinedSample], parents: list, acked: list[Msg]) -> None:
@@ -358,6 +387,8 @@ class JoinerService(NatsMixin, Service):
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.config.tick_s)
             except TimeoutError:
                 pass
+            if self.stopping.is_set():
+                break  # what the watermark would fire now waits for the next start (its state is committed)
             drained = await self._drained(part)
             async with part.lock:
                 fired = part.join.advance(bus.now_ms(), input_drained=drained)
