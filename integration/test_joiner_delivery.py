@@ -29,6 +29,32 @@ async def _stream_ids(js) -> list[str]:
     return reader.ids
 
 
+def _backlog_config(step_events: int, **overrides) -> JoinerConfig:
+    """Windows that close once the next message is joined, and a fetch timeout long enough for the first
+    fetch to take the whole backlog."""
+    return JoinerConfig(
+        window_s=0.05,
+        allowed_lateness_s=0,
+        idle_timeout_s=60,
+        step_events=step_events,
+        fetch_batch=512,
+        fetch_timeout_s=1.0,
+        **overrides,
+    )
+
+
+async def _publish_backlog(js, prefix: str) -> None:
+    """40 messages of 10 impressions, 1 s apart in event time, so each message's impressions close
+    (become samples) when the next message is joined; request ids ``<prefix><m>-<i>``, item ``i``."""
+    t = bus.now_ms() - 60_000
+    for m in range(40):
+        batch = events_pb2.EventBatch()
+        for i in range(10):
+            imp = batch.events.add().impression
+            imp.request_id, imp.user_id, imp.item_id, imp.event_time_ms = f"{prefix}{m}-{i}", 1, i, t + m * 1000
+        await bus.publish(js, "events.batch.0", batch.SerializeToString())
+
+
 class _Input:
     """An input message whose acknowledgement checks that its samples are in the stream by then."""
 
@@ -141,24 +167,8 @@ async def test_a_fetch_joined_in_steps_publishes_its_first_samples_before_its_la
 
     monkeypatch.setattr(EventJoin, "on_events", recording_join)
     monkeypatch.setattr(SampleDeliverer, "_send", recording_send)
-    # A fetch timeout long enough for the first fetch to take the whole backlog.
-    config = JoinerConfig(
-        window_s=0.05,
-        allowed_lateness_s=0,
-        idle_timeout_s=60,
-        step_events=10,
-        fetch_batch=512,
-        fetch_timeout_s=1.0,
-    )
-    t = bus.now_ms() - 60_000
-    # A backlog the joiner's first fetch takes whole: 40 messages of 10 impressions, 1 s apart in event
-    # time, so each message's impressions close (become samples) when the next message is joined.
-    for m in range(40):
-        batch = events_pb2.EventBatch()
-        for i in range(10):
-            imp = batch.events.add().impression
-            imp.request_id, imp.user_id, imp.item_id, imp.event_time_ms = f"s{m}-{i}", 1, i, t + m * 1000
-        await bus.publish(js, "events.batch.0", batch.SerializeToString())
+    config = _backlog_config(step_events=10)
+    await _publish_backlog(js, "s")  # the joiner's first fetch takes it whole
     async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
         await assert_eventually(lambda: joiner.counts["negatives"] >= 390, timeout_s=10)
     joins = [i for i, what in enumerate(order) if what == "join"]
@@ -183,22 +193,8 @@ async def test_a_join_step_failing_with_uncommitted_state_stops_the_joiner_and_a
         return on_events(self, events)
 
     monkeypatch.setattr(EventJoin, "on_events", failing_once)
-    config = JoinerConfig(
-        state_dir=str(tmp_path / "state"),
-        window_s=0.05,
-        allowed_lateness_s=0,
-        idle_timeout_s=60,
-        step_events=100,
-        fetch_batch=512,
-        fetch_timeout_s=1.0,
-    )
-    t = bus.now_ms() - 60_000
-    for m in range(40):  # 40 messages of 10 impressions, 1 s apart: each closes the previous one's windows
-        batch = events_pb2.EventBatch()
-        for i in range(10):
-            imp = batch.events.add().impression
-            imp.request_id, imp.user_id, imp.item_id, imp.event_time_ms = f"f{m}-{i}", 1, i, t + m * 1000
-        await bus.publish(js, "events.batch.0", batch.SerializeToString())
+    config = _backlog_config(step_events=100, state_dir=str(tmp_path / "state"))
+    await _publish_backlog(js, "f")
     async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
         await asyncio.wait_for(joiner.stopping.wait(), timeout=10)
         assert isinstance(joiner.failed, OSError)
