@@ -252,40 +252,25 @@ class PullLoop:
     async def run(self, stop: asyncio.Event) -> None:
         await declare_consumer(self.js, self.spec)
         sub = await self.js.pull_subscribe_bind(self.spec.durable, stream=self.spec.stream)
+        fetch: asyncio.Future | None = None  # the next batch, under way while one is handled (prefetch)
         try:
-            if self.prefetch:
-                await self._run_prefetching(sub, stop)
-                return
             while not stop.is_set():
                 try:
-                    msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout_s)
-                except (NatsTimeoutError, TimeoutError):
-                    continue
+                    msgs = await (fetch if fetch is not None else self._fetch(sub))
                 except nats.errors.ConnectionClosedError:
                     if stop.is_set():
                         break
                     raise
-                await self._handle(msgs)
-        finally:
-            await sub.unsubscribe()
-
-    async def _run_prefetching(self, sub, stop: asyncio.Event) -> None:
-        fetch = asyncio.ensure_future(self._fetch(sub))
-        try:
-            while not stop.is_set():
-                try:
-                    msgs = await fetch
-                except nats.errors.ConnectionClosedError:
-                    if stop.is_set():
-                        break
-                    raise
-                fetch = asyncio.ensure_future(self._fetch(sub))
+                if self.prefetch:
+                    fetch = asyncio.ensure_future(self._fetch(sub))
                 if msgs:
                     await self._handle(msgs)
         finally:
-            # Messages a cancelled fetch already received stay unacknowledged: they come back as after a crash.
-            fetch.cancel()
-            await asyncio.gather(fetch, return_exceptions=True)
+            if fetch is not None:
+                # Messages a cancelled fetch already received stay unacknowledged: they come back as after a crash.
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+            await sub.unsubscribe()
 
     async def _fetch(self, sub) -> list[Msg]:
         try:

@@ -72,8 +72,12 @@ class Service:
     def _on_task_done(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is None:
             return
-        self.failed = task.exception()
-        logger.error("background task crashed", extra={"task": task.get_name()}, exc_info=self.failed)
+        self.fail(task.exception(), "background task crashed", task=task.get_name())
+
+    def fail(self, exc: BaseException, message: str, **extra: object) -> None:
+        """Logs ``exc`` and stops the service; its process then exits with status 1 (``run_service``)."""
+        self.failed = exc
+        logger.error(message, extra=extra, exc_info=exc)
         self.stopping.set()
 
     async def _start(self) -> None:

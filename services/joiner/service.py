@@ -355,18 +355,14 @@ class JoinerService(NatsMixin, Service):
             except Exception as exc:  # noqa: BLE001 - retried when the state is committed, fatal otherwise
                 if dirty:
                     part.broken = exc
-                    self._fail(exc, "join step failed with uncommitted join state; stopping")
+                    self.fail(
+                        exc, "join step failed with uncommitted join state; stopping", partition=part.partition
+                    )
                     return [bus.Outcome.DEFER] * len(msgs)
                 logger.warning("join step failed, will retry", extra={"error": repr(exc)})
                 for msg in msgs[handed:]:
                     await part.loop.retry_or_dead_letter(msg, repr(exc))
         return [bus.Outcome.DEFER] * len(msgs)
-
-    def _fail(self, exc: BaseException, message: str) -> None:
-        """Stops the service as a crashed background task would (exit status 1)."""
-        self.failed = exc
-        logger.error(message, exc_info=exc)
-        self.stopping.set()
 
     @staticmethod
     async def _hand_on(part: PartitionJoin, produced: list[JoinedSample], parents: list, acked: list[Msg]) -> None:

@@ -690,14 +690,10 @@ class TrainerService(NatsMixin, Service):
             await self._maybe_checkpoint()
         self._maybe_log()
 
-    async def _maybe_checkpoint(self, force: bool = False) -> None:
-        if self.config.checkpoint_s <= 0 or self._state_store is None:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_checkpoint < self.config.checkpoint_s:
-            return
-        self._last_checkpoint = now
-        await self.checkpoint()
+    async def _maybe_checkpoint(self) -> None:
+        if self._checkpoint_due():
+            self._last_checkpoint = time.monotonic()
+            await self.checkpoint()
 
     async def checkpoint(self) -> None:
         """State as ``.next``, store checkpoint tagged with the position, then state as ``.last``."""
