@@ -14,6 +14,7 @@ _DTYPES = {
     np.int8: tensor_pb2.DTYPE_INT8,
     np.int32: tensor_pb2.DTYPE_INT32,
     np.int64: tensor_pb2.DTYPE_INT64,
+    np.float64: tensor_pb2.DTYPE_FLOAT64,
 }
 _SHAPES = [(0,), (5,), (3, 4), (0, 7), (2, 0, 3), (2, 3, 4)]
 
@@ -62,6 +63,27 @@ def test_float_specials_survive_the_round_trip():
     assert back.tobytes() == array.tobytes()
 
 
+def test_float64_round_trips_bit_exactly_including_specials_and_subnormals():
+    array = np.array([np.pi, -1e300, 5e-324, np.nan, np.inf, -np.inf, -0.0], dtype=np.float64)
+
+    wire = to_tensor(array)
+    back = from_tensor(tensor_pb2.Tensor.FromString(wire.SerializeToString()), np.float64, 1, "values")
+
+    assert wire.dtype == tensor_pb2.DTYPE_FLOAT64
+    assert wire.data == array.astype("<f8").tobytes()
+    assert back.dtype == np.dtype("<f8")
+    assert back.tobytes() == array.tobytes()
+
+
+def test_big_endian_float64_is_encoded_little_endian():
+    big = np.array([1.5, -2.25], dtype=">f8")
+
+    wire = to_tensor(big)
+
+    assert wire.data == np.array([1.5, -2.25], dtype="<f8").tobytes()
+    np.testing.assert_array_equal(from_tensor(wire, np.float64), [1.5, -2.25])
+
+
 def test_decoded_array_is_a_read_only_view():
     back = from_tensor(to_tensor(np.zeros(3, np.float32)))
 
@@ -84,7 +106,7 @@ def test_empty_shape_on_the_wire_decodes_to_a_scalar():
     assert back[()] == 9
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.uint8, np.bool_, np.complex64])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.bool_, np.complex64])
 def test_unsupported_dtype_is_refused_on_encode(dtype):
     with pytest.raises(TensorError, match="unsupported dtype"):
         to_tensor(np.zeros(2, dtype=dtype))

@@ -14,6 +14,7 @@ _TO_WIRE = {
     np.dtype("i1"): tensor_pb2.DTYPE_INT8,
     np.dtype("<i4"): tensor_pb2.DTYPE_INT32,
     np.dtype("<i8"): tensor_pb2.DTYPE_INT64,
+    np.dtype("<f8"): tensor_pb2.DTYPE_FLOAT64,
 }
 _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 
@@ -55,8 +56,8 @@ def from_tensor(
     if any(d < 0 for d in shape):
         raise TensorError(f"{name}: negative dimension in shape {list(shape)}")
     count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small count
-    if count * dtype.itemsize != len(tensor.data):
-        raise TensorError(
-            f"{name}: shape {list(shape)} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}"
-        )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    data = tensor.data
+    if count * dtype.itemsize != len(data):
+        raise TensorError(f"{name}: shape {list(shape)} needs {count * dtype.itemsize} bytes, got {len(data)}")
+    array = np.frombuffer(data, dtype=dtype)
+    return array if len(shape) == 1 else array.reshape(shape)  # 1-D (the common case) needs no reshape

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from freshet.common.v1 import tensor_pb2 as freshet_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66reshet/events/v1/events.proto\x12\x11\x66reshet.events.v1\"\xd8\x01\n\nImpression\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0f\n\x07item_id\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x05\x12\x15\n\revent_time_ms\x18\x05 \x01(\x03\x12;\n\x07\x63ontext\x18\x06 \x03(\x0b\x32*.freshet.events.v1.Impression.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x06\x41\x63tion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12+\n\x04type\x18\x03 \x01(\x0e\x32\x1d.freshet.events.v1.ActionType\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x15\n\revent_time_ms\x18\x05 \x01(\x03\"q\n\x05\x45vent\x12\x33\n\nimpression\x18\x01 \x01(\x0b\x32\x1d.freshet.events.v1.ImpressionH\x00\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x19.freshet.events.v1.ActionH\x00\x42\x06\n\x04kind\"6\n\nEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.freshet.events.v1.Event*\x84\x01\n\nActionType\x12\x1b\n\x17\x41\x43TION_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43TION_TYPE_CLICK\x10\x01\x12\x14\n\x10\x41\x43TION_TYPE_LIKE\x10\x02\x12\x15\n\x11\x41\x43TION_TYPE_SHARE\x10\x03\x12\x15\n\x11\x41\x43TION_TYPE_DWELL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66reshet/events/v1/events.proto\x12\x11\x66reshet.events.v1\x1a\x1e\x66reshet/common/v1/tensor.proto\"\xd8\x01\n\nImpression\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0f\n\x07item_id\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x05\x12\x15\n\revent_time_ms\x18\x05 \x01(\x03\x12;\n\x07\x63ontext\x18\x06 \x03(\x0b\x32*.freshet.events.v1.Impression.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x06\x41\x63tion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12+\n\x04type\x18\x03 \x01(\x0e\x32\x1d.freshet.events.v1.ActionType\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x15\n\revent_time_ms\x18\x05 \x01(\x03\"q\n\x05\x45vent\x12\x33\n\nimpression\x18\x01 \x01(\x0b\x32\x1d.freshet.events.v1.ImpressionH\x00\x12+\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x19.freshet.events.v1.ActionH\x00\x42\x06\n\x04kind\"6\n\nEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.freshet.events.v1.Event\"\xfa\x03\n\x0c\x45ventColumns\x12(\n\x05kinds\x18\x01 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x30\n\rrequest_index\x18\x02 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x13\n\x0brequest_ids\x18\x03 \x03(\t\x12+\n\x08item_ids\x18\x04 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12+\n\x08user_ids\x18\x05 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12,\n\tpositions\x18\x06 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x30\n\revent_time_ms\x18\x07 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12/\n\x0c\x61\x63tion_types\x18\x08 \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12)\n\x06values\x18\t \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x30\n\rcontext_index\x18\n \x01(\x0b\x32\x19.freshet.common.v1.Tensor\x12\x31\n\x08\x63ontexts\x18\x0b \x03(\x0b\x32\x1f.freshet.events.v1.EventContext\"-\n\x0c\x45ventContext\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0e\n\x06values\x18\x02 \x03(\t*\x84\x01\n\nActionType\x12\x1b\n\x17\x41\x43TION_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43TION_TYPE_CLICK\x10\x01\x12\x14\n\x10\x41\x43TION_TYPE_LIKE\x10\x02\x12\x15\n\x11\x41\x43TION_TYPE_SHARE\x10\x03\x12\x15\n\x11\x41\x43TION_TYPE_DWELL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMPRESSION_CONTEXTENTRY']._loaded_options = None
   _globals['_IMPRESSION_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_ACTIONTYPE']._serialized_start=575
-  _globals['_ACTIONTYPE']._serialized_end=707
-  _globals['_IMPRESSION']._serialized_start=54
-  _globals['_IMPRESSION']._serialized_end=270
-  _globals['_IMPRESSION_CONTEXTENTRY']._serialized_start=224
-  _globals['_IMPRESSION_CONTEXTENTRY']._serialized_end=270
-  _globals['_ACTION']._serialized_start=273
-  _globals['_ACTION']._serialized_end=401
-  _globals['_EVENT']._serialized_start=403
-  _globals['_EVENT']._serialized_end=516
-  _globals['_EVENTBATCH']._serialized_start=518
-  _globals['_EVENTBATCH']._serialized_end=572
+  _globals['_ACTIONTYPE']._serialized_start=1163
+  _globals['_ACTIONTYPE']._serialized_end=1295
+  _globals['_IMPRESSION']._serialized_start=86
+  _globals['_IMPRESSION']._serialized_end=302
+  _globals['_IMPRESSION_CONTEXTENTRY']._serialized_start=256
+  _globals['_IMPRESSION_CONTEXTENTRY']._serialized_end=302
+  _globals['_ACTION']._serialized_start=305
+  _globals['_ACTION']._serialized_end=433
+  _globals['_EVENT']._serialized_start=435
+  _globals['_EVENT']._serialized_end=548
+  _globals['_EVENTBATCH']._serialized_start=550
+  _globals['_EVENTBATCH']._serialized_end=604
+  _globals['_EVENTCOLUMNS']._serialized_start=607
+  _globals['_EVENTCOLUMNS']._serialized_end=1113
+  _globals['_EVENTCONTEXT']._serialized_start=1115
+  _globals['_EVENTCONTEXT']._serialized_end=1160
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from freshet.common.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -70,3 +71,37 @@ class EventBatch(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class EventColumns(_message.Message):
+    __slots__ = ("kinds", "request_index", "request_ids", "item_ids", "user_ids", "positions", "event_time_ms", "action_types", "values", "context_index", "contexts")
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_TYPES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _tensor_pb2.Tensor
+    request_index: _tensor_pb2.Tensor
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    item_ids: _tensor_pb2.Tensor
+    user_ids: _tensor_pb2.Tensor
+    positions: _tensor_pb2.Tensor
+    event_time_ms: _tensor_pb2.Tensor
+    action_types: _tensor_pb2.Tensor
+    values: _tensor_pb2.Tensor
+    context_index: _tensor_pb2.Tensor
+    contexts: _containers.RepeatedCompositeFieldContainer[EventContext]
+    def __init__(self, kinds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., request_index: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., request_ids: _Optional[_Iterable[str]] = ..., item_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., user_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., event_time_ms: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., action_types: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., context_index: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., contexts: _Optional[_Iterable[_Union[EventContext, _Mapping]]] = ...) -> None: ...
+
+class EventContext(_message.Message):
+    __slots__ = ("names", "values")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
