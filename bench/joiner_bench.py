@@ -37,6 +37,7 @@ from freshet.eventlog import EventPublisher
 from freshet.events.v1 import events_pb2
 from freshet.natsserver import EmbeddedNats
 from freshet.samples.v1 import samples_pb2
+from services.joiner.columnjoin import JoinedColumns
 from services.joiner.config import JoinerConfig
 from services.joiner.service import PartitionJoin, message_events
 
@@ -208,14 +209,13 @@ def join_cpu(events: int, repeats: int = 3, **settings) -> float:
                 n = 0
                 start = time.process_time()
                 for data in payloads:
-                    joined, _ = message_events("events.batch.0", data)
-                    n += len(joined)
-                    produced = part.join.on_events(joined)
-                    produced += part.join.advance(bus.now_ms())
-                    for seq, _, _ in part.stage(produced):
+                    events, _ = message_events("events.batch.0", data)
+                    n += len(events)
+                    produced = [part.join_events(events), part.join.advance(bus.now_ms())]
+                    for seq, _, _ in part.stage(JoinedColumns.concat(produced)):
                         part.join.output_delivered(seq)  # as the delivery worker does once JetStream acknowledged
                 best = min(best, time.process_time() - start)
-                part.state.close()
+                part.join.close()
             gc.collect()
     finally:
         gc.set_threshold(*thresholds)
@@ -287,9 +287,9 @@ async def run(requests: int, single_requests: int, rates: list[float], seconds: 
     cpu = {
         "join_cpu_events": cpu_events,
         "join_cpu_us_per_event": join_cpu(cpu_events),
-        # Steady state within the run: windows forgotten after 2 s and a cache of 64 k windows, so
-        # forgetting, segment clean-up and cache eviction all happen.
-        "join_cpu_us_per_event_steady": join_cpu(cpu_events, retention_s=2.0, cached_windows=1 << 16),
+        # Steady state within the run: windows forgotten after 2 s, so forgetting, freeing slots and
+        # segment clean-up all happen.
+        "join_cpu_us_per_event_steady": join_cpu(cpu_events, retention_s=2.0),
     }
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(store_dir=os.path.join(tmp, "js")) as server:
         single = await drain(server.url, tmp, batched=False, requests=single_requests)

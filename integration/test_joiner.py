@@ -202,17 +202,15 @@ async def test_outputs_committed_before_a_crash_are_published_on_start_unless_al
     nats_url, tmp_path
 ):
     from freshet.batches import Sample, encode_samples
-    from services.joiner.eventjoin import EventJoin
-    from services.joiner.joinstate import RocksJoinState
+    from services.joiner.columnjoin import ColumnJoin
 
     config = JoinerConfig(state_dir=str(tmp_path / "state"))
     (tmp_path / "state").mkdir()
-    state = RocksJoinState(str(tmp_path / "state" / "p0"))
-    join = EventJoin(config.join_config(), state)
+    join = ColumnJoin(config.join_config(), str(tmp_path / "state" / "p0"))
     outputs = [encode_samples([Sample(f"x{i}:1:v1", np.arange(3, dtype=np.int64), 1.0)]) for i in range(2)]
     seqs = [join.stage_output(data) for data in outputs]
     join.commit()  # ... and the process dies before publishing the second output
-    state.close()
+    join.close()
     async with JoinerService(JoinerConfig(), BusConfig(nats_url=nats_url)) as other:  # declares streams
         await bus.publish(other.js, "samples.0", outputs[0], msg_id=f"sb:0:{join.epoch}:{seqs[0]}")
     async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:

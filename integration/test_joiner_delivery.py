@@ -12,10 +12,9 @@ from freshet.batches import Sample, encode_samples
 from freshet.config import BusConfig
 from freshet.events.v1 import events_pb2
 from freshet.testing import SampleReader, assert_eventually
+from services.joiner.columnjoin import ColumnJoin
 from services.joiner.config import JoinerConfig
 from services.joiner.delivery import OUTBOX_HEADER, Delivery, SampleDeliverer
-from services.joiner.eventjoin import EventJoin
-from services.joiner.joinstate import MemoryJoinState, RocksJoinState
 from services.joiner.service import JoinerService
 
 
@@ -67,7 +66,7 @@ class _Input:
 
 
 async def test_several_publishes_are_in_flight_and_stored_in_outbox_order(js):
-    join = EventJoin(JoinerConfig().join_config(), MemoryJoinState())
+    join = ColumnJoin(JoinerConfig().join_config())
     deliverer = SampleDeliverer(js, 0, join, window=4, timeout_s=5)
     await deliverer.recover()
     names = [f"o{i}" for i in range(10)]
@@ -95,7 +94,7 @@ async def test_several_publishes_are_in_flight_and_stored_in_outbox_order(js):
 
 
 async def test_a_lost_publish_in_the_window_is_sent_again_and_its_inputs_wait_for_it(js, monkeypatch):
-    join = EventJoin(JoinerConfig().join_config(), MemoryJoinState())
+    join = ColumnJoin(JoinerConfig().join_config())
     deliverer = SampleDeliverer(js, 0, join, window=4, timeout_s=5)
     await deliverer.recover()
     names = [f"l{i}" for i in range(6)]
@@ -132,12 +131,11 @@ async def test_recovery_republishes_an_output_missing_behind_a_later_stored_one_
     joiner publishes the first and the third, not the second (its last message's header bounds the search)."""
     config = JoinerConfig(state_dir=str(tmp_path / "state"))
     (tmp_path / "state").mkdir()
-    state = RocksJoinState(str(tmp_path / "state" / "p0"))
-    join = EventJoin(config.join_config(), state)
+    join = ColumnJoin(config.join_config(), str(tmp_path / "state" / "p0"))
     outputs = [_output(f"x{i}") for i in range(3)]
     seqs = [join.stage_output(data) for data in outputs]
     join.commit()
-    state.close()
+    join.close()
     async with JoinerService(JoinerConfig(), BusConfig(nats_url=nats_url)) as other:  # declares streams
         await bus.publish(other.js, "samples.1", _output("elsewhere"))  # another partition's, before
         before = (await other.js.stream_info(bus.SAMPLES.name)).state.last_seq
@@ -155,17 +153,17 @@ async def test_a_fetch_joined_in_steps_publishes_its_first_samples_before_its_la
     js, nats_url, monkeypatch
 ):
     order: list[str] = []
-    on_events, send = EventJoin.on_events, SampleDeliverer._send
+    on_columns, send = ColumnJoin.on_columns, SampleDeliverer._send
 
-    def recording_join(self, events):
+    def recording_join(self, *columns):
         order.append("join")
-        return on_events(self, events)
+        return on_columns(self, *columns)
 
     async def recording_send(self, seq, data, span):
         order.append("send")
         return await send(self, seq, data, span)
 
-    monkeypatch.setattr(EventJoin, "on_events", recording_join)
+    monkeypatch.setattr(ColumnJoin, "on_columns", recording_join)
     monkeypatch.setattr(SampleDeliverer, "_send", recording_send)
     config = _backlog_config(step_events=10)
     await _publish_backlog(js, "s")  # the joiner's first fetch takes it whole
@@ -183,16 +181,16 @@ async def test_a_join_step_failing_with_uncommitted_state_stops_the_joiner_and_a
     the step's messages would find their events in the state (duplicates) while their samples were never
     staged. The joiner stops instead, unacknowledged; restarted on the committed state, it makes every
     sample exactly once."""
-    on_events = EventJoin.on_events
+    on_columns = ColumnJoin.on_columns
     calls = {"n": 0}
 
-    def failing_once(self, events):
+    def failing_once(self, *columns):
         calls["n"] += 1
         if calls["n"] == 15:  # the 5th message of the second step of 10
             raise OSError("injected failure inside the join")
-        return on_events(self, events)
+        return on_columns(self, *columns)
 
-    monkeypatch.setattr(EventJoin, "on_events", failing_once)
+    monkeypatch.setattr(ColumnJoin, "on_columns", failing_once)
     config = _backlog_config(step_events=100, state_dir=str(tmp_path / "state"))
     await _publish_backlog(js, "f")
     async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:

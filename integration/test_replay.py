@@ -12,7 +12,7 @@ import pytest
 
 from freshet import bus
 from freshet.datasets import DatasetError, read_events
-from freshet.eventlog import decode_event_batch
+from freshet.eventcolumns import decode_event_columns, row_event
 from freshet.events.v1 import events_pb2
 from freshet.replay import replay
 from freshet.testing import assert_eventually
@@ -38,8 +38,14 @@ async def stored(js) -> list[tuple[str, str, list]]:
     out = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
         msg = await js.get_msg(bus.EVENTS.name, seq)
-        out.append((msg.subject, msg.headers[bus.MSG_ID], decode_event_batch(msg.data)))
+        out.append((msg.subject, msg.headers[bus.MSG_ID], columns_as_events(decode_event_columns(msg.data))))
     return out
+
+
+def columns_as_events(columns) -> list:
+    """The Impression / Action protobufs of a columns message, in order."""
+    rows = [events_pb2.Event.FromString(row_event(columns, i)) for i in range(len(columns))]
+    return [getattr(row, row.WhichOneof("kind")) for row in rows]
 
 
 class FakeClock:
@@ -74,7 +80,7 @@ async def test_replay_stores_exactly_the_dataset_events_per_partition_in_order(j
     by_partition: dict[int, list] = {0: [], 1: [], 2: []}
     for subject, msg_id, events in messages:
         partition = int(subject.rsplit(".", 1)[1])
-        assert subject == f"events.batch.{partition}" and 1 <= len(events) <= 4
+        assert subject == f"events.columns.{partition}" and 1 <= len(events) <= 4
         by_partition[partition].append(msg_id)
         by_partition[partition].extend(events)
     for partition, items in by_partition.items():
@@ -183,7 +189,7 @@ async def test_cli_replays_a_file_on_the_partitions_of_freshet_partitions(js, na
     assert code == 0, err
     assert f"{len(expected)} events (30 impressions, {clicks} clicks)" in out
     messages = await stored(js)
-    assert {subject for subject, _, _ in messages} == {"events.batch.0", "events.batch.1"}
+    assert {subject for subject, _, _ in messages} == {"events.columns.0", "events.columns.1"}
     assert sorted(e.SerializeToString(deterministic=True) for _, _, batch in messages for e in batch) == sorted(
         e.SerializeToString(deterministic=True) for e in expected
     )

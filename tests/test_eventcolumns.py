@@ -1,14 +1,11 @@
 """Events as columns: lossless round trips, one result for every source, precise errors for malformed
-messages, the joiner's schema reasons computed on whole columns, and the publisher's subject choice."""
+messages, and the joiner's schema reasons computed on whole columns (the publisher: integration/test_event_publisher.py)."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from freshet import bus
 from freshet.eventcolumns import (
     KIND_ACTION,
     KIND_IMPRESSION,
@@ -19,7 +16,6 @@ from freshet.eventcolumns import (
     row_event,
     row_problems,
 )
-from freshet.eventlog import EventPublisher, batch_subject, columns_subject, decode_event_batch
 from freshet.events.v1 import events_pb2
 from freshet.tensors import TensorError, to_tensor
 from services.joiner.joinstate import ActionType
@@ -384,60 +380,3 @@ def test_row_event_rebuilds_each_event_as_its_event_protobuf(seed):
     assert [row_event(decoded, i) for i in range(len(decoded))] == [
         row_event(columns, i) for i, e in enumerate(events) if e is not None
     ]
-
-
-class FakeJetStream:
-    """Records publishes; stands in for JetStream, whose subject routing is nats-server's business."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes, dict]] = []
-
-    async def publish(self, subject: str, payload: bytes, headers: dict | None = None):
-        self.published.append((subject, payload, headers or {}))
-        return SimpleNamespace(seq=len(self.published))
-
-
-def _partitioned_events(partitions: int) -> list[events_pb2.Impression | events_pb2.Action]:
-    events = _valid_events(np.random.default_rng(3), 60)
-    assert {bus.event_partition(e.request_id, partitions) for e in events} == set(range(partitions))
-    return events
-
-
-async def test_publisher_publishes_event_columns_on_the_columns_subject_by_default():
-    js, events = FakeJetStream(), _partitioned_events(2)
-    publisher = EventPublisher(js, 2, "client-a", max_events=16)
-
-    for event in events:
-        await publisher.add(event)
-    await publisher.flush()
-
-    assert {subject for subject, _, _ in js.published} == {columns_subject(0), columns_subject(1)}
-    assert columns_subject(1) == "events.columns.1"
-    for partition in range(2):
-        sent = [(h[bus.MSG_ID], p) for s, p, h in js.published if s == columns_subject(partition)]
-        assert [msg_id for msg_id, _ in sent] == [f"client-a:{partition}:{n}" for n in range(1, len(sent) + 1)]
-        mine = [e for e in events if bus.event_partition(e.request_id, 2) == partition]
-        got = [decode_event_columns(payload) for _, payload in sent]
-        rebuilt = [events_pb2.Event.FromString(row_event(c, i)) for c in got for i in range(len(c))]
-        assert rebuilt == [events_pb2.Event(**{_kind(e): e}) for e in mine]
-    assert all(len(decode_event_columns(p)) <= 16 for _, p, _ in js.published)
-    assert (publisher.events_published, publisher.messages_published) == (len(events), len(js.published))
-
-
-async def test_publisher_publishes_event_batches_on_the_batch_subject_when_not_columnar():
-    js, events = FakeJetStream(), _partitioned_events(2)
-    publisher = EventPublisher(js, 2, "client-b", max_events=16, columnar=False)
-
-    for event in events:
-        await publisher.add(event)
-    await publisher.flush()
-
-    assert {subject for subject, _, _ in js.published} == {batch_subject(0), batch_subject(1)}
-    for partition in range(2):
-        got = [e for s, p, _ in js.published if s == batch_subject(partition) for e in decode_event_batch(p)]
-        assert got == [e for e in events if bus.event_partition(e.request_id, 2) == partition]
-    assert (publisher.events_published, publisher.messages_published) == (len(events), len(js.published))
-
-
-def _kind(event: events_pb2.Impression | events_pb2.Action) -> str:
-    return "impression" if isinstance(event, events_pb2.Impression) else "action"

@@ -1,7 +1,7 @@
 """Publishing a dataset's events to JetStream, paced by their event times or as fast as possible.
 
 ``replay`` feeds time-ordered events (``freshet.datasets.read_events``) through an
-``EventPublisher`` (``events.batch.<p>``), so a public dataset drives the whole pipeline like live
+``EventPublisher`` (``events.columns.<p>``), so a public dataset drives the whole pipeline like live
 traffic. Events keep their dataset times by default: the joiner's watermark follows event time,
 so history is joined as it happened. ``shift_to_now`` moves every time by one offset so that the
 first event happens now (for live demos; only the offset changes, so without a speedup near 1

@@ -34,11 +34,6 @@ class JoinerConfig:
     state_dir: str = env_field(
         "FRESHET_JOINER_STATE_DIR", "RocksDB directory of the join state; empty keeps it in memory", ""
     )
-    cached_windows: int = env_field(
-        "FRESHET_JOINER_CACHED_WINDOWS",
-        "decoded join windows kept in memory per partition with RocksDB state (most are read again at their close)",
-        1 << 18,
-    )
     partitions: int = env_field(
         "FRESHET_PARTITIONS", "event partitions: events.<kind>.<0..n-1>, samples.<0..n-1>", 1
     )

@@ -34,7 +34,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from freshet import bus, telemetry
-from services.joiner.eventjoin import EventJoin
+from services.joiner.columnjoin import ColumnJoin
 
 logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -74,7 +74,7 @@ class SampleDeliverer:
         self,
         js: JetStreamContext,
         partition: int,
-        join: EventJoin,
+        join: ColumnJoin,
         *,
         window: int,
         timeout_s: float,

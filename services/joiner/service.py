@@ -1,10 +1,11 @@
 """The joiner: impressions + actions from ``events.>`` become labelled samples on ``samples.<p>``.
 
-Events arrive one per message (``events.impressions.<p>``, ``events.actions.<p>``) or batched
-(``events.batch.<p>``, an ``EventBatch``; see ``freshet.eventlog``). Exactly once, across crashes:
+Events arrive one per message (``events.impressions.<p>``, ``events.actions.<p>``) or batched, as
+columns (``events.columns.<p>``, an ``EventColumns``) or rows (``events.batch.<p>``, an ``EventBatch``;
+see ``freshet.eventlog``); every form becomes columns (``message_events``). Exactly once, across crashes:
 a fetched batch of messages is joined in steps of about ``FRESHET_JOINER_STEP_EVENTS`` events (whole
-messages), and for each step the joiner (1) runs the event-time join (``EventJoin``; the rules are
-in ``services/joiner/eventjoin.py``), (2) encodes the samples it produced as ``SampleBatch`` messages
+messages), and for each step the joiner (1) runs the event-time join (``ColumnJoin``, compiled; the
+rules are in ``services/joiner/eventjoin.py``, the reference), (2) encodes the samples it produced as ``SampleBatch`` messages
 of at most ``FRESHET_JOINER_SAMPLES_PER_MESSAGE`` samples and stages them in the join state's outbox,
 (3) commits state and outbox atomically, (4) publishes the staged messages with
 ``Nats-Msg-Id = sb:<partition>:<epoch>:<seq>`` and waits for JetStream's acknowledgements, and only
@@ -24,6 +25,7 @@ never reuses a message id JetStream might still remember.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 from functools import partial
@@ -36,14 +38,15 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
-from freshet.batches import LABELS, SampleArrays, encode_sample_arrays, featurise
+from freshet.batches import SampleArrays, encode_sample_arrays
 from freshet.config import BusConfig
+from freshet.eventcolumns import EventColumns, columns_of_events, decode_event_columns, row_event, row_problems
 from freshet.events.v1 import events_pb2
+from freshet.fids import batch_example_fids
 from freshet.runtime import NatsMixin, Service
+from services.joiner.columnjoin import ColumnJoin, JoinedColumns
 from services.joiner.config import JoinerConfig
 from services.joiner.delivery import Delivery, SampleDeliverer
-from services.joiner.eventjoin import ActionEvent, EventJoin, ImpressionEvent, JoinedSample
-from services.joiner.joinstate import ACTION_TYPES, MemoryJoinState, RocksJoinState, context_pairs
 
 logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -71,99 +74,78 @@ def validate_action(action: events_pb2.Action) -> str | None:
     return None
 
 
-def joined_arrays(joined: list[JoinedSample]) -> SampleArrays:
-    """The training samples of joined impressions."""
-    if not joined:
-        return featurise(
-            [], [], np.zeros((0, LABELS), np.float32), np.zeros(0, np.float32), [], np.zeros(0, np.int32)
-        )
-    # Samples and impressions are tuples: transposing them with zip is the cheapest way to columns.
-    sample_ids, _, label_vectors, versions, weights, _, impressions = zip(*joined, strict=True)
-    return featurise(
-        impressions,
-        [imp.context for imp in impressions],
-        np.array(label_vectors, np.float32),
-        np.array(weights, np.float32),
-        list(sample_ids),
-        np.array(versions, np.int32),
+def sample_arrays(joined: JoinedColumns) -> SampleArrays:
+    """The training samples of joined impressions (featurised as ``freshet.batches.featurise`` does)."""
+    fids, lengths = batch_example_fids(joined.user_ids, joined.item_ids, joined.positions, joined.contexts)
+    label_vectors = joined.label_vectors.astype(np.float32)
+    return SampleArrays(
+        fids=fids,
+        lengths=lengths,
+        labels=label_vectors[:, 0].copy(),
+        weights=joined.weights.astype(np.float32),
+        sample_ids=joined.sample_ids,
+        event_time_ms=joined.event_time_ms,
+        user_ids=joined.user_ids,
+        item_ids=joined.item_ids,
+        label_vectors=label_vectors,
+        versions=joined.versions,
     )
 
 
-def parse_event(proto: events_pb2.Impression | events_pb2.Action) -> ImpressionEvent | ActionEvent:
-    """The join's event for a decoded protobuf; raises ``bus.Reject`` naming a schema violation."""
-    if isinstance(proto, events_pb2.Impression):
-        if reason := validate_impression(proto):
-            raise bus.Reject(reason)
-        return ImpressionEvent.from_proto(proto)
-    if reason := validate_action(proto):
-        raise bus.Reject(reason)
-    try:
-        return ActionEvent.from_proto(proto)
-    except ValueError as exc:
-        raise bus.Reject(str(exc)) from None
+_SINGLE = {"impressions": events_pb2.Impression, "actions": events_pb2.Action}
 
 
-_new = tuple.__new__  # a named tuple from ALL its fields, without its Python-level __new__ (faster)
+def message_events(subject: str, data: bytes) -> tuple[EventColumns, list[tuple[int, bytes, str]]]:
+    """The valid events of a message on ``subject`` as columns, and (index, bytes, reason) per bad entry.
 
-
-def batch_events(
-    batch: events_pb2.EventBatch,
-) -> tuple[list[ImpressionEvent | ActionEvent], list[tuple[int, str]]]:
-    """The join's events of a decoded batch, in order, and (index, reason) for each entry that is not one.
-
-    Valid entries (nearly all) are converted inline; the others go through ``parse_event`` for the reason.
-    """
-    events: list[ImpressionEvent | ActionEvent] = []
-    bad: list[tuple[int, str]] = []
-    action_types = ACTION_TYPES
-    for index, entry in enumerate(batch.events):
-        which = entry.WhichOneof("kind")
-        if which == "impression":
-            m = entry.impression
-            request, user, item, position = m.request_id, m.user_id, m.item_id, m.position
-            if request and user >= 0 and item >= 0 and position >= 0:
-                context = m.context
-                context = context_pairs(context) if context else ()
-                events.append(_new(ImpressionEvent, (request, user, item, position, m.event_time_ms, context)))
-                continue
-        elif which == "action":
-            m = entry.action
-            request, item, kind = m.request_id, m.item_id, action_types.get(m.type)
-            if request and item >= 0 and kind is not None:
-                events.append(_new(ActionEvent, (request, item, kind, m.value, m.event_time_ms)))
-                continue
-        try:
-            if which is None:
-                raise bus.Reject("batch entry is neither an impression nor an action")
-            events.append(parse_event(getattr(entry, which)))  # a valid event the checks above missed
-        except bus.Reject as rej:
-            bad.append((index, rej.reason))
-    return events, bad
-
-
-def message_events(
-    subject: str, data: bytes
-) -> tuple[list[ImpressionEvent | ActionEvent], list[tuple[int, bytes, str]]]:
-    """The events of a message on ``subject``, and (index, bytes, reason) for each bad entry of a batch.
-
-    Raises ``bus.Reject`` when the whole message is unusable (unknown subject, undecodable, or a
-    single event that violates the schema).
+    Columns (``events.columns.<p>``) decode with one copy per column; ``EventBatch`` messages
+    (``events.batch.<p>``) and single events (``events.impressions.<p>``, ``events.actions.<p>``) are
+    turned into columns first, so every message is checked and joined the same way. Raises ``bus.Reject``
+    when the whole message is unusable: unknown subject, undecodable, or a single event that violates the
+    schema.
     """
     kind = subject.split(".")[1] if subject.count(".") >= 1 else ""
-    single = {"impressions": events_pb2.Impression, "actions": events_pb2.Action}.get(kind)
-    if single is not None:
+    if kind == "columns":
         try:
-            return [parse_event(single.FromString(data))], []
+            columns = decode_event_columns(data)
+        except ValueError as exc:
+            raise bus.Reject(str(exc)) from None
+    elif kind == "batch":
+        try:
+            batch = events_pb2.EventBatch.FromString(data)
+        except DecodeError as exc:
+            raise bus.Reject(f"cannot decode EventBatch: {exc}") from None
+        columns = columns_of_events(
+            [getattr(entry, which) if (which := entry.WhichOneof("kind")) else None for entry in batch.events]
+        )
+    elif (single := _SINGLE.get(kind)) is not None:
+        try:
+            columns = columns_of_events([single.FromString(data)])
         except DecodeError as exc:
             raise bus.Reject(f"cannot decode {single.DESCRIPTOR.name}: {exc}") from None
-    if kind != "batch":
+        if problems := row_problems(columns):
+            raise bus.Reject(problems[0][1])
+        return columns, []
+    else:
         raise bus.Reject(f"unknown event subject {subject!r}")
-    try:
-        batch = events_pb2.EventBatch.FromString(data)
-    except DecodeError as exc:
-        raise bus.Reject(f"cannot decode EventBatch: {exc}") from None
-    events, bad = batch_events(batch)
-    return events, [(index, batch.events[index].SerializeToString(), reason) for index, reason in bad]
+    problems = row_problems(columns)
+    if not problems:
+        return columns, []
+    bad = [(index, row_event(columns, index), reason) for index, reason in problems]
+    keep = np.ones(len(columns), np.bool_)
+    keep[[index for index, _ in problems]] = False
+    return take_events(columns, keep), bad
+
+
+_PER_EVENT = (
+    "kinds", "request_index", "item_ids", "user_ids", "positions", "event_time_ms", "action_types", "values",
+    "context_index",
+)  # fmt: skip
+
+
+def take_events(columns: EventColumns, keep: np.ndarray) -> EventColumns:
+    """The events of columns where ``keep`` is true (the request and context tables stay as they are)."""
+    return dataclasses.replace(columns, **{name: getattr(columns, name)[keep] for name in _PER_EVENT})
 
 
 class PartitionJoin:
@@ -171,11 +153,8 @@ class PartitionJoin:
 
     def __init__(self, partition: int, config: JoinerConfig) -> None:
         self.partition = partition
-        state_dir = str(Path(config.state_dir) / f"p{partition}") if config.state_dir else ""
-        self.state = (
-            RocksJoinState(state_dir, cached_windows=config.cached_windows) if state_dir else MemoryJoinState()
-        )
-        self.join = EventJoin(config.join_config(), self.state)
+        state_dir = str(Path(config.state_dir) / f"p{partition}") if config.state_dir else None
+        self.join = ColumnJoin(config.join_config(), state_dir)
         self.samples_per_message = config.samples_per_message
         self.lock = asyncio.Lock()  # one join step (join, stage, commit) at a time
         self.broken: BaseException | None = None  # a join step failed with uncommitted state: never commit
@@ -192,7 +171,24 @@ class PartitionJoin:
             max_deliver=-1,  # failures here are publish/state failures, never the event's fault
         )
 
-    def stage(self, produced: list[JoinedSample]) -> list[tuple[int, bytes, int]]:
+    def join_events(self, columns: EventColumns) -> JoinedColumns:
+        """Joins a message's valid events (``message_events``) in order; their samples and those fired."""
+        join = self.join
+        request_ids = columns.request_ids
+        contexts = np.array([*map(join.intern_context, columns.contexts), 0], np.int64)  # -1: no context
+        return join.on_columns(
+            columns.kinds,
+            [request_ids[i] for i in columns.request_index.tolist()],
+            columns.item_ids,
+            columns.user_ids,
+            columns.positions,
+            columns.event_time_ms,
+            columns.action_types,
+            columns.values,
+            contexts[columns.context_index],
+        )
+
+    def stage(self, produced: JoinedColumns) -> list[tuple[int, bytes, int]]:
         """Encodes the samples as messages in the outbox and commits them with the join state.
 
         Returns (outbox seq, message, samples) per message. Raises ``RuntimeError`` once a join step
@@ -203,9 +199,9 @@ class PartitionJoin:
             raise RuntimeError(f"partition {self.partition}: join state not committed after {self.broken!r}")
         size = self.samples_per_message
         staged = []
-        for i in range(0, len(produced), size):
-            chunk = produced[i : i + size]
-            data = encode_sample_arrays(joined_arrays(chunk))
+        for lo in range(0, len(produced), size):
+            chunk = produced.take(lo, lo + size)
+            data = encode_sample_arrays(sample_arrays(chunk))
             staged.append((self.join.stage_output(data), data, len(chunk)))
         self.join.commit()
         return staged
@@ -248,6 +244,7 @@ class JoinerService(NatsMixin, Service):
         return {**total, "samples": self.samples_published, "invalid_events": self.invalid_events}
 
     async def _start(self) -> None:
+        ColumnJoin.warm()  # before any consumer exists: the first join step does not wait for it
         await self._connect_nats(self.bus_config, "freshet-joiner")
         for part in self.partitions:
             part.delivery = SampleDeliverer(
@@ -295,7 +292,7 @@ class JoinerService(NatsMixin, Service):
     async def _stop(self) -> None:
         await self._drain_nats()
         for part in self.partitions:
-            part.state.close()
+            part.join.close()
 
     async def _on_batch(self, part: PartitionJoin, msgs: list[Msg]) -> list[bus.Outcome]:
         """Joins a fetched batch in steps of about ``step_events`` events, each committed and handed to delivery.
@@ -314,7 +311,7 @@ class JoinerService(NatsMixin, Service):
         dirty = False  # the join state holds events of this step that are not committed
         async with part.lock:
             try:
-                join, step_events = part.join, self.config.step_events
+                step_events = self.config.step_events
                 produced, parents, acked, events_in_step = [], [], [], 0
                 for i, msg in enumerate(msgs):
                     try:
@@ -337,11 +334,11 @@ class JoinerService(NatsMixin, Service):
                         )
                         await bus.dead_letter(self.js, "events", msg, reason, part=index, data=data)
                         self.invalid_events += 1
-                    if events:
+                    if len(events):
                         dirty = True
-                        before = len(produced)
-                        produced += join.on_events(events)
-                        if len(produced) > before and msg.headers:
+                        joined = part.join_events(events)
+                        produced.append(joined)
+                        if len(joined) and msg.headers:
                             parents.append(msg.headers)
                         events_in_step += len(events)
                     if events_in_step >= step_events or i == len(msgs) - 1:
@@ -365,15 +362,17 @@ class JoinerService(NatsMixin, Service):
         return [bus.Outcome.DEFER] * len(msgs)
 
     @staticmethod
-    async def _hand_on(part: PartitionJoin, produced: list[JoinedSample], parents: list, acked: list[Msg]) -> None:
+    async def _hand_on(
+        part: PartitionJoin, produced: list[JoinedColumns], parents: list, acked: list[Msg]
+    ) -> None:
         """Ends a join step: stages and commits its samples, then queues them for delivery.
 
         The samples are committed in the outbox: the deliverer publishes them in order and acknowledges
         these inputs after JetStream has acknowledged the samples; meanwhile the join goes on. A full
         queue holds the join back (back-pressure).
         """
-        produced += part.join.advance(bus.now_ms())
-        staged = part.stage(produced)
+        produced.append(part.join.advance(bus.now_ms()))
+        staged = part.stage(JoinedColumns.concat(produced))
         await part.deliveries.put(Delivery(staged, parents, acked))
 
     async def _tick_forever(self, part: PartitionJoin) -> None:
@@ -388,7 +387,7 @@ class JoinerService(NatsMixin, Service):
             drained = await self._drained(part)
             async with part.lock:
                 fired = part.join.advance(bus.now_ms(), input_drained=drained)
-                staged = part.stage(fired) if fired else []
+                staged = part.stage(fired) if len(fired) else []
             if staged:
                 await part.deliveries.put(Delivery(staged))
 

@@ -1,13 +1,15 @@
-"""The joiner's conversion of EventBatch entries: the inline path agrees with ``parse_event`` entry by entry."""
+"""The joiner's decoding of event messages: every form gives the valid events as columns, a reason for the rest."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from freshet import bus
+from freshet.eventcolumns import columns_of_events, encode_event_columns
 from freshet.events.v1 import events_pb2
-from services.joiner.service import batch_events, parse_event
+from services.joiner.service import message_events, validate_action, validate_impression
 
 _text = st.sampled_from(["", "r1", "é", "r2"])
 _int = st.integers(-2, 3)
@@ -41,29 +43,57 @@ entries = st.lists(
 )
 
 
-def reference(batch: events_pb2.EventBatch) -> tuple[list, list[tuple[int, str]]]:
-    """Every entry through ``parse_event``, as the joiner converted single events."""
+def reference(entries: list) -> tuple[list, list[tuple[int, str]]]:
+    """(index, event) of every valid entry and (index, reason) of every other, checked one by one."""
     events, bad = [], []
-    for index, entry in enumerate(batch.events):
+    for index, entry in enumerate(entries):
         which = entry.WhichOneof("kind")
-        try:
-            if which is None:
-                raise bus.Reject("batch entry is neither an impression nor an action")
-            events.append(parse_event(getattr(entry, which)))
-        except bus.Reject as rej:
-            bad.append((index, rej.reason))
+        if which is None:
+            bad.append((index, "batch entry is neither an impression nor an action"))
+            continue
+        event = getattr(entry, which)
+        reason = validate_impression(event) if which == "impression" else validate_action(event)
+        if reason is None and which == "action" and event.type not in range(1, 5):
+            reason = f"action type {event.type} is not one of ['CLICK', 'LIKE', 'SHARE', 'DWELL']"
+        if reason is None:
+            events.append((index, event))
+        else:
+            bad.append((index, reason))
     return events, bad
+
+
+def as_rows(columns) -> list[tuple]:
+    """Each event of columns as a comparable tuple."""
+    return [
+        (
+            int(columns.kinds[i]), columns.request_ids[columns.request_index[i]], int(columns.item_ids[i]),
+            int(columns.user_ids[i]), int(columns.positions[i]), int(columns.event_time_ms[i]),
+            int(columns.action_types[i]), float(columns.values[i]),
+            columns.contexts[columns.context_index[i]] if columns.context_index[i] >= 0 else (),
+        )
+        for i in range(len(columns))
+    ]  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
 @given(entries)
-def test_batch_events_gives_the_events_and_reasons_of_parse_event_for_every_entry(entries):
-    batch = events_pb2.EventBatch(events=entries)
-    batch = events_pb2.EventBatch.FromString(batch.SerializeToString())  # as the joiner gets it
-    assert batch_events(batch) == reference(batch)
+def test_batches_and_columns_give_the_valid_events_in_order_and_a_reason_for_every_other_entry(entries):
+    events, reasons = reference(entries)
+    want = as_rows(columns_of_events([event for _, event in events]))
+    data = events_pb2.EventBatch(events=entries).SerializeToString()
+    got, bad = message_events("events.batch.3", data)
+    assert as_rows(got) == want
+    assert [(index, reason) for index, _, reason in bad] == reasons
+    for index, raw, _ in bad:
+        assert events_pb2.Event.FromString(raw) == entries[index]  # the dead letter holds the entry itself
+    if all(entry.WhichOneof("kind") for entry in entries):
+        columns = [getattr(entry, entry.WhichOneof("kind")) for entry in entries]
+        got, bad = message_events("events.columns.3", encode_event_columns(columns))
+        assert as_rows(got) == want
+        assert [(index, reason) for index, _, reason in bad] == reasons
 
 
-def test_batch_events_keeps_arrival_order_and_sorts_each_context_by_name():
+def test_contexts_are_sorted_by_name_and_values_kept():
     batch = events_pb2.EventBatch()
     imp = batch.events.add().impression
     imp.request_id, imp.item_id, imp.event_time_ms = "r", 4, 9
@@ -72,7 +102,31 @@ def test_batch_events_keeps_arrival_order_and_sorts_each_context_by_name():
     act.request_id, act.item_id, act.type = "r", 4, events_pb2.ACTION_TYPE_DWELL
     act.value = 2.5
     batch.events.add()
-    events, bad = batch_events(batch)
-    assert [e.context for e in events[:1]] == [(("device", "phone"), ("os", "ios"))]
-    assert events[1].value == 2.5 and events[1].type.name == "DWELL"
-    assert bad == [(2, "batch entry is neither an impression nor an action")]
+    columns, bad = message_events("events.batch.0", batch.SerializeToString())
+    rows = as_rows(columns)
+    assert rows[0][-1] == (("device", "phone"), ("os", "ios"))
+    assert rows[1][6:8] == (4, 2.5)
+    assert [(index, reason) for index, _, reason in bad] == [
+        (2, "batch entry is neither an impression nor an action")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("subject", "data", "reason"),
+    [
+        (
+            "events.impressions.0",
+            events_pb2.Impression(user_id=1).SerializeToString(),
+            "impression without request_id",
+        ),
+        ("events.actions.0", events_pb2.Action(request_id="r").SerializeToString(), "action type unspecified"),
+        ("events.impressions.0", b"\xff\xff", "cannot decode Impression"),
+        ("events.batch.0", b"\xff\xff", "cannot decode EventBatch"),
+        ("events.columns.0", b"\xff\xff", "cannot decode EventColumns"),
+        ("events.other.0", b"", "unknown event subject"),
+    ],
+)
+def test_an_unusable_message_is_rejected_whole_with_its_reason(subject, data, reason):
+    with pytest.raises(bus.Reject) as err:
+        message_events(subject, data)
+    assert reason in err.value.reason

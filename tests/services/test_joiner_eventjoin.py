@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from freshet.events.v1 import events_pb2
+from services.joiner.columnjoin import ColumnJoin
 from services.joiner.eventjoin import (
     COUNTERS,
     LATE_POLICIES,
@@ -321,9 +322,39 @@ def act(rid: str = "r", item: int = 1, t: int = 0, kind: ActionType = ActionType
     return ActionEvent(rid, item, kind, value, t)
 
 
-def make(**overrides) -> EventJoin:
+class CompiledTuples(ColumnJoin):
+    """The compiled join, its ``advance`` giving the reference's tuples as ``EventJoin.advance`` does."""
+
+    def advance(self, now_processing_ms: int, input_drained: bool = True) -> list[JoinedSample]:
+        return super().advance(now_processing_ms, input_drained).samples()
+
+
+JOINS = {"reference": lambda config: EventJoin(config, MemoryJoinState()), "compiled": CompiledTuples}
+_join_kind = ["reference"]
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that calls ``make`` runs on the reference join and on the compiled one the joiner runs."""
+    if _calls_make(metafunc.function.__code__):
+        metafunc.fixturenames.append("join_kind")
+        metafunc.parametrize("join_kind", sorted(JOINS), indirect=True)
+
+
+def _calls_make(code) -> bool:
+    nested = (c for c in code.co_consts if hasattr(c, "co_names"))
+    return "make" in code.co_names or any(_calls_make(c) for c in nested)
+
+
+@pytest.fixture
+def join_kind(request):
+    _join_kind[0] = request.param
+    yield request.param
+    _join_kind[0] = "reference"
+
+
+def make(**overrides) -> EventJoin | ColumnJoin:
     settings_ = dict(window_ms=100, allowed_lateness_ms=10, idle_timeout_ms=50, retention_ms=200) | overrides
-    return EventJoin(JoinConfig(**settings_), MemoryJoinState())
+    return JOINS[_join_kind[0]](JoinConfig(**settings_))
 
 
 _clock_keys = itertools.count()
@@ -379,7 +410,8 @@ def test_actions_before_impression_combine_into_one_version_1_sample():
     out = join.on_impression(imp(t=0))
     assert [(s.sample_id, s.label_vector) for s in out] == [("r:1:v1", (1.0, 0.0, 1.0, 0.0))]
     assert [s.sample_id for s in join.on_action(act(t=20, kind=ActionType.LIKE))] == ["r:1:v2"]
-    assert join.state.get_buffer(("r", 1)) == ()
+    close_all(join, 10_000)
+    assert join.counters["orphan_actions"] == 0  # the buffered actions went into the window
 
 
 def test_buffered_action_is_orphaned_once_no_window_can_take_it():

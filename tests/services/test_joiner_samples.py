@@ -1,4 +1,4 @@
-"""The joiner's samples: ``joined_arrays`` featurises joined impressions exactly as ``example_fids`` does."""
+"""The joiner's samples: ``sample_arrays`` featurises joined impressions exactly as ``example_fids`` does."""
 
 from __future__ import annotations
 
@@ -7,8 +7,25 @@ import pytest
 
 from freshet.batches import decode_samples, encode_sample_arrays
 from freshet.fids import example_fids
+from services.joiner.columnjoin import JoinedColumns
 from services.joiner.eventjoin import ImpressionEvent, JoinedSample
-from services.joiner.service import joined_arrays
+from services.joiner.service import sample_arrays
+
+
+def columns(samples: list[JoinedSample]) -> JoinedColumns:
+    imps = [s.impression for s in samples]
+    return JoinedColumns(
+        request_ids=[imp.request_id for imp in imps],
+        item_ids=np.array([imp.item_id for imp in imps], np.int64),
+        user_ids=np.array([imp.user_id for imp in imps], np.int64),
+        positions=np.array([imp.position for imp in imps], np.int64),
+        event_time_ms=np.array([imp.event_time_ms for imp in imps], np.int64),
+        contexts=[imp.context for imp in imps],
+        label_vectors=np.array([s.label_vector for s in samples], np.float64).reshape(-1, 4),
+        versions=np.array([s.version for s in samples], np.int32),
+        weights=np.array([s.weight for s in samples], np.float64),
+        corrections=np.array([s.correction for s in samples], np.bool_),
+    )
 
 
 def joined(n: int, contexts: list[tuple[tuple[str, str], ...]], seed: int = 0) -> list[JoinedSample]:
@@ -34,9 +51,9 @@ def joined(n: int, contexts: list[tuple[tuple[str, str], ...]], seed: int = 0) -
         [tuple((f"k{j}", "v") for j in range(i % 3)) for i in range(6)],  # as many as they like
     ],
 )
-def test_joined_arrays_hold_each_samples_fids_labels_and_ids_in_order(contexts):
+def test_sample_arrays_hold_each_samples_fids_labels_and_ids_in_order(contexts):
     samples = joined(6, contexts)
-    arrays = decode_samples(encode_sample_arrays(joined_arrays(samples)))
+    arrays = decode_samples(encode_sample_arrays(sample_arrays(columns(samples))))
     offsets = np.concatenate([[0], np.cumsum(arrays.lengths)])
     for i, s in enumerate(samples):
         imp = s.impression
@@ -52,6 +69,6 @@ def test_joined_arrays_hold_each_samples_fids_labels_and_ids_in_order(contexts):
     np.testing.assert_array_equal(arrays.event_time_ms, [s.impression.event_time_ms for s in samples])
 
 
-def test_joined_arrays_of_nothing_is_an_empty_batch():
-    arrays = joined_arrays([])
+def test_sample_arrays_of_nothing_is_an_empty_batch():
+    arrays = sample_arrays(columns([]))
     assert len(arrays) == 0 and arrays.label_vectors.shape == (0, 4) and len(arrays.fids) == 0

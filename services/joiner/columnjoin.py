@@ -1,0 +1,660 @@
+"""``ColumnJoin``: the joiner's event-time join over columns of events, compiled (``joinkernel``), with its
+state in arrays and, optionally, in RocksDB.
+
+The rules are ``EventJoin``'s (``services/joiner/eventjoin.py``, the reference; its docstring states them)
+and so is the interface the joiner needs (``advance``, ``stage_output``, ``output_delivered``,
+``pending_outputs``, ``commit``, ``counters``, ``epoch``), but events come in as columns
+(``on_columns``) and samples go out as columns (``JoinedColumns``), so no Python object is made per event
+except the key (``(request_id, item_id)``, mapped to its slot by a dict). ``on_events`` /
+``on_impression`` / ``on_action`` take and give the reference's tuples, for tests and tools.
+
+Memory: every key with a window or buffered actions holds a slot (~110 B of arrays) and a dict entry
+(~150 B with its key), from its impression until ``close + retention``: 20 s of traffic with the default
+settings, e.g. ~260 MB at 50 k impressions/s. Contexts are interned (an id per distinct context, kept for
+the life of the state): fine for categorical contexts, not for a context value unique per request.
+
+RocksDB layout (``path``; written only by ``commit()``, as one ``WriteBatch``, so a crash restores the last
+commit exactly):
+
+- ``v/<n>`` -> segment ``n``: the slots written by one commit (``_REC`` records, their buffered actions,
+  their keys) and the keys deleted since the previous one. A key's latest record is the one in the newest
+  segment; a segment is dropped once none of its records is the latest of a live key and no older segment
+  is left. A window that closes is not written again: a stored open window whose close is at or before the
+  committed watermark is closed (every window the watermark reaches closes before a commit);
+- ``c/<id>`` -> a context: JSON [[name, value], ...];
+- ``m/meta`` -> JSON watermark, maximum event time, next outbox sequence, counters, epoch;
+- ``o/<seq>`` -> an outbox entry (as ``RocksJoinState``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from services.joiner import joinkernel as K
+from services.joiner.eventjoin import COUNTERS, JoinConfig, JoinedSample, negative_kept
+from services.joiner.joinstate import ActionEvent, ActionType, ImpressionEvent, Key
+
+_OFFSET = 1 << 63
+_V, _C, _O, _META = b"v/", b"c/", b"o/", b"m/meta"
+_OTHER_LAYOUTS = (b"s/", b"w/", b"b/")  # RocksJoinState's
+_REC = np.dtype(
+    [
+        ("item", "<i8"), ("user", "<i8"), ("time", "<i8"), ("close", "<i8"), ("labels", "<f8", (4,)),
+        ("pos", "<i4"), ("ctx", "<i4"), ("types", "<i4"), ("version", "<i4"), ("state", "i1"), ("keep", "i1"),
+        ("actions", "<i4"), ("key_len", "<i4"),
+    ]
+)  # fmt: skip
+_ACT = np.dtype([("type", "i1"), ("value", "<f8"), ("time", "<i8")])
+_DEL = np.dtype([("item", "<i8"), ("key_len", "<i4")])
+_SEGMENT_HEAD = struct.Struct("<4q")  # records, actions, deletions, bytes of record keys
+
+
+def _i64(value: int) -> bytes:
+    return (value + _OFFSET).to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class JoinedColumns:
+    """Samples as columns: sample ``i`` is key ``(request_ids[i], item_ids[i])`` at ``versions[i]``."""
+
+    request_ids: list[str]
+    item_ids: np.ndarray  # int64
+    user_ids: np.ndarray  # int64
+    positions: np.ndarray  # int64
+    event_time_ms: np.ndarray  # int64
+    contexts: list[tuple[tuple[str, str], ...]]
+    label_vectors: np.ndarray  # float64 [n, 4]
+    versions: np.ndarray  # int32
+    weights: np.ndarray  # float64
+    corrections: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [
+            f"{r}:{i}:v{v}"
+            for r, i, v in zip(self.request_ids, self.item_ids.tolist(), self.versions.tolist(), strict=True)
+        ]
+
+    def samples(self) -> list[JoinedSample]:
+        """As the reference's tuples."""
+        out = []
+        for j, (rid, item, version) in enumerate(
+            zip(self.request_ids, self.item_ids.tolist(), self.versions.tolist(), strict=True)
+        ):
+            imp = ImpressionEvent(
+                rid,
+                int(self.user_ids[j]),
+                item,
+                int(self.positions[j]),
+                int(self.event_time_ms[j]),
+                self.contexts[j],
+            )
+            labels = tuple(self.label_vectors[j].tolist())
+            out.append(
+                JoinedSample(
+                    f"{rid}:{item}:v{version}", (rid, item), labels, version, float(self.weights[j]),
+                    bool(self.corrections[j]), imp,
+                )
+            )  # fmt: skip
+        return out
+
+    _ARRAYS = (
+        "item_ids",
+        "user_ids",
+        "positions",
+        "event_time_ms",
+        "label_vectors",
+        "versions",
+        "weights",
+        "corrections",
+    )
+
+    def take(self, lo: int, hi: int) -> JoinedColumns:
+        """Samples ``lo`` to ``hi``."""
+        return dataclasses.replace(
+            self,
+            request_ids=self.request_ids[lo:hi],
+            contexts=self.contexts[lo:hi],
+            **{name: getattr(self, name)[lo:hi] for name in self._ARRAYS},
+        )
+
+    @staticmethod
+    def concat(parts: list[JoinedColumns]) -> JoinedColumns:
+        """The samples of parts (at least one), in order."""
+        full = [p for p in parts if len(p)]
+        if len(full) <= 1:
+            return full[0] if full else parts[0]
+        parts = full
+        return JoinedColumns(
+            [r for p in parts for r in p.request_ids],
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("item_ids", "user_ids", "positions", "event_time_ms")),
+            [c for p in parts for c in p.contexts],
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("label_vectors", "versions", "weights", "corrections")),
+        )  # fmt: skip
+
+
+class ColumnJoin:
+    """The join of one partition (see the module docstring). ``path`` None: state in memory only.
+
+    Args:
+        config: join settings.
+        path: RocksDB directory of the state (created if missing); reopening it restores the last commit.
+        sync_writes: fsync the WAL on commit.
+    """
+
+    def __init__(self, config: JoinConfig, path: str | None = None, *, sync_writes: bool = False) -> None:
+        self.config = config
+        self.path = path
+        self._db: Rdict | None = None
+        self._write_opts = WriteOptions()
+        self._write_opts.sync = sync_writes
+        self.index: dict[Key, int] = {}  # key -> slot
+        self._keys: list[Key | None] = []  # slot -> key
+        self._free: list[int] = []
+        self._cap = 0
+        self._grow_slots(1 << 14)
+        self._h = [np.empty(1024, np.int64), np.empty(1024, np.int64), np.empty(1024, np.int64)]
+        self._pool = [
+            np.empty(256, np.int64),
+            np.empty(256, np.float64),
+            np.empty(256, np.int64),
+            np.empty(256, np.int64),
+        ]
+        self._out_cap = 0
+        self._grow_out(1024)
+        self._released = np.empty(1024, np.int64)
+        self._sc = np.zeros(K.SCALARS, np.int64)
+        self._sc[K.S_POOL_FREE] = -1
+        self._counters = np.zeros(len(COUNTERS), np.int64)
+        self.contexts: list[tuple[tuple[str, str], ...]] = [()]
+        self._context_ids: dict[tuple[tuple[str, str], ...], int] = {(): 0}
+        self._stored_contexts = 1  # contexts[:n] are in RocksDB (the empty one never is)
+        # RocksDB bookkeeping: the segment holding each stored slot's latest record (-1: none), live records
+        # per segment, segments in use [head, next), keys deleted since the last commit, outbox changes.
+        self._live: dict[int, int] = {}
+        self._head = self._next_segment = 1
+        self._deleted: list[Key] = []
+        self._outbox: dict[int, bytes | None] = {}
+        self._arrivals = 0
+        self._last_arrival_ms: int | None = None
+        self._idle_mark_ms = 0
+        meta = {}
+        if path is not None:
+            opts = Options(raw_mode=True)
+            opts.create_if_missing(True)
+            self._db = Rdict(path, opts)
+            for prefix in _OTHER_LAYOUTS:
+                if next(self._scan(prefix), None) is not None:
+                    raise RuntimeError(f"{path} holds join state in another layout (RocksJoinState); start afresh")
+            raw = self._db.get(_META)
+            meta = json.loads(raw) if raw is not None else {}
+        self.epoch: str = meta.get("epoch") or secrets.token_hex(6)
+        self._next_outbox_seq: int = meta.get("next_outbox_seq", 1)
+        for i, name in enumerate(COUNTERS):
+            self._counters[i] = meta.get("counters", {}).get(name, 0)
+        if meta.get("watermark_ms") is not None:
+            self._sc[K.S_HAS_WM], self._sc[K.S_WM] = 1, meta["watermark_ms"]
+        if meta.get("max_event_ms") is not None:
+            self._sc[K.S_HAS_MAX], self._sc[K.S_MAX] = 1, meta["max_event_ms"]
+        if self._db is not None:
+            self._restore()
+
+    # -- the join ------------------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(zip(COUNTERS, self._counters.tolist(), strict=True))
+
+    @property
+    def watermark_ms(self) -> int | None:
+        return int(self._sc[K.S_WM]) if self._sc[K.S_HAS_WM] else None
+
+    def on_columns(
+        self,
+        kinds: np.ndarray,
+        request_ids: list[str],
+        item_ids: np.ndarray,
+        user_ids: np.ndarray,
+        positions: np.ndarray,
+        event_time_ms: np.ndarray,
+        action_types: np.ndarray,
+        values: np.ndarray,
+        context_ids: np.ndarray,
+    ) -> JoinedColumns:
+        """Joins events given as columns (all valid: kind 1 or 2, a known action type), in order.
+
+        ``request_ids`` has one entry per event; ``context_ids`` are ids of ``intern_context``.
+        """
+        n = len(kinds)
+        items = item_ids.tolist()
+        keys = list(zip(request_ids, items, strict=True))
+        index = self.index
+        slots = [index.get(key, -1) for key in keys]
+        fresh = []
+        if -1 in slots:
+            for j, slot in enumerate(slots):
+                if slot < 0:
+                    key = keys[j]
+                    slot = index.get(key, -1)
+                    if slot < 0:
+                        slot = self._allocate(key)
+                        fresh.append(slot)
+                    slots[j] = slot
+        rate = self.config.negative_rate
+        if rate >= 1.0:
+            keep = np.ones(n, np.bool_)
+        else:
+            seed = self.config.seed
+            keep = np.fromiter(
+                (
+                    k == K.K_IMPRESSION and negative_kept(key, rate, seed)
+                    for k, key in zip(kinds.tolist(), keys, strict=True)
+                ),
+                np.bool_,
+                n,
+            )
+        self._reserve(n)
+        self._join(
+            np.asarray(kinds, np.int64), np.array(slots, np.int64), np.asarray(event_time_ms, np.int64),
+            np.asarray(user_ids, np.int64), np.asarray(positions, np.int64), np.asarray(context_ids, np.int64),
+            np.asarray(action_types, np.int64), np.asarray(values, np.float64), keep,
+        )  # fmt: skip
+        self._arrivals += n
+        out = self._take_output()
+        self._release(fresh)
+        return out
+
+    def advance(self, now_processing_ms: int, input_drained: bool = True) -> JoinedColumns:
+        """As ``EventJoin.advance``: note processing time, move an idle watermark, fire what is due."""
+        if self._arrivals or self._last_arrival_ms is None or not input_drained:
+            self._arrivals = 0
+            self._last_arrival_ms = self._idle_mark_ms = now_processing_ms
+        elif self._sc[K.S_HAS_WM] and now_processing_ms - self._last_arrival_ms >= self.config.idle_timeout_ms:
+            step = now_processing_ms - self._idle_mark_ms
+            if step > 0:
+                self._sc[K.S_WM] += step
+                self._idle_mark_ms = now_processing_ms
+        self._reserve(0)
+        c = self.config
+        self._run(K.fire, c.window_ms, c.retention_ms, c.negative_rate)
+        out = self._take_output()
+        self._release(())
+        return out
+
+    def intern_context(self, context: tuple[tuple[str, str], ...]) -> int:
+        """The id of a context (sorted (name, value) pairs), new ones numbered from the next free id."""
+        cid = self._context_ids.get(context)
+        if cid is None:
+            cid = self._context_ids[context] = len(self.contexts)
+            self.contexts.append(context)
+        return cid
+
+    @staticmethod
+    def warm() -> None:
+        """Loads (or compiles) the compiled kernels now, on a throwaway join with no events, rather than in
+        the first join step: a few hundred milliseconds once per process."""
+        join = ColumnJoin(JoinConfig())
+        empty = np.zeros(0, np.int64)
+        join._reserve(0)
+        join._join(empty, empty, empty, empty, empty, empty, empty, np.zeros(0, np.float64), np.zeros(0, np.bool_))
+        join.advance(0)
+
+    # -- the reference's interface (tests, tools) ------------------------------------------------------
+
+    def on_events(self, events: Iterable[ImpressionEvent | ActionEvent]) -> list[JoinedSample]:
+        events = list(events)
+        if not events:
+            return []
+        imp = [type(e) is ImpressionEvent for e in events]
+        cols = self.on_columns(
+            np.array([K.K_IMPRESSION if i else K.K_ACTION for i in imp], np.int64),
+            [e.request_id for e in events],
+            np.array([e.item_id for e in events], np.int64),
+            np.array([e.user_id if i else 0 for e, i in zip(events, imp, strict=True)], np.int64),
+            np.array([e.position if i else 0 for e, i in zip(events, imp, strict=True)], np.int64),
+            np.array([e.event_time_ms for e in events], np.int64),
+            np.array([0 if i else int(e.type) for e, i in zip(events, imp, strict=True)], np.int64),
+            np.array([0.0 if i else float(e.value) for e, i in zip(events, imp, strict=True)], np.float64),
+            np.array(
+                [self.intern_context(e.context) if i else 0 for e, i in zip(events, imp, strict=True)], np.int64
+            ),
+        )
+        return cols.samples()
+
+    def on_impression(self, ev: ImpressionEvent) -> list[JoinedSample]:
+        return self.on_events([ev])
+
+    def on_action(self, ev: ActionEvent) -> list[JoinedSample]:
+        return self.on_events([ev])
+
+    def windows(self) -> list[tuple[Key, int, bool]]:
+        """(key, close_ms, closed) of every window."""
+        state = self._s["state"]
+        return [
+            (self._keys[s], int(self._s["close"][s]), bool(state[s] == K.CLOSED))
+            for s in np.flatnonzero((state == K.OPEN) | (state == K.CLOSED)).tolist()
+        ]
+
+    # -- outbox and commit -----------------------------------------------------------------------------
+
+    def stage_output(self, data: bytes) -> int:
+        seq = self._next_outbox_seq
+        self._next_outbox_seq += 1
+        self._outbox[seq] = bytes(data)
+        return seq
+
+    def output_delivered(self, seq: int) -> None:
+        self._outbox[seq] = None
+
+    def pending_outputs(self) -> list[tuple[int, bytes]]:
+        stored = {}
+        if self._db is not None:
+            stored = {int.from_bytes(k[len(_O) :], "big") - _OFFSET: v for k, v in self._scan(_O)}
+        stored.update(self._outbox)
+        return sorted((seq, data) for seq, data in stored.items() if data is not None)
+
+    def commit(self) -> None:
+        """Writes every change since the last commit, and the meta, as one RocksDB write (no-op in memory)."""
+        dirty_n = int(self._sc[K.S_DIRTY])
+        dirty = self._s["dirty_list"][:dirty_n].copy()
+        self._s["dirty"][dirty] = 0
+        self._sc[K.S_DIRTY] = 0
+        if self._db is None:
+            self._outbox = {k: v for k, v in self._outbox.items() if v is not None}
+            self._deleted.clear()
+            return
+        batch = WriteBatch(raw_mode=True)
+        dirty = dirty[self._s["state"][dirty] != K.FREE]
+        if len(dirty) or self._deleted:
+            seq = self._next_segment
+            self._next_segment += 1
+            batch.put(_V + _i64(seq), self._segment(dirty, seq))
+        while self._head < self._next_segment and not self._live.get(self._head):
+            batch.delete(_V + _i64(self._head))
+            self._live.pop(self._head, None)
+            self._head += 1
+        for cid in range(self._stored_contexts, len(self.contexts)):
+            batch.put(_C + _i64(cid), json.dumps(self.contexts[cid]).encode())
+        self._stored_contexts = len(self.contexts)
+        for seq, data in self._outbox.items():
+            if data is None:
+                batch.delete(_O + _i64(seq))
+            else:
+                batch.put(_O + _i64(seq), data)
+        meta = {
+            "max_event_ms": int(self._sc[K.S_MAX]) if self._sc[K.S_HAS_MAX] else None,
+            "watermark_ms": self.watermark_ms,
+            "counters": self.counters,
+            "next_outbox_seq": self._next_outbox_seq,
+            "epoch": self.epoch,
+        }
+        batch.put(_META, json.dumps(meta, separators=(",", ":")).encode())
+        self._db.write(batch, self._write_opts)
+        self._outbox.clear()
+        self._deleted.clear()
+
+    def close(self) -> None:
+        """Releases RocksDB WITHOUT committing (what was not committed is lost, as in a crash)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> ColumnJoin:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- slots -------------------------------------------------------------------------------------------
+
+    _SLOT_FIELDS = (
+        ("state", np.int64), ("user", np.int64), ("pos", np.int64), ("time", np.int64), ("close", np.int64),
+        ("ctx", np.int64), ("types", np.int64), ("version", np.int64), ("keep", np.bool_), ("bhead", np.int64),
+        ("btail", np.int64), ("dirty", np.int8), ("dirty_list", np.int64), ("where", np.int64),
+    )  # fmt: skip
+
+    def _grow_slots(self, cap: int) -> None:
+        old, n = getattr(self, "_s", None), self._cap
+        s = {name: np.zeros(cap, dtype) for name, dtype in self._SLOT_FIELDS}
+        s["labels"] = np.zeros((cap, 4), np.float64)
+        s["bhead"][:] = s["btail"][:] = s["where"][:] = -1
+        if old is not None:
+            for name, array in old.items():
+                s[name][:n] = array[:n]
+        self._s = s
+        self._free.extend(range(cap - 1, n - 1, -1))  # popped from the end: lowest first
+        self._keys.extend([None] * (cap - n))
+        self._cap = cap
+
+    def _allocate(self, key: Key) -> int:
+        if not self._free:
+            self._grow_slots(2 * self._cap)
+        slot = self._free.pop()
+        self.index[key] = slot
+        self._keys[slot] = key
+        return slot
+
+    def _release(self, candidates: Iterable[int]) -> None:
+        """Frees the slots the call released (and fresh ones it left unused), each once, if still free."""
+        state, where = self._s["state"], self._s["where"]
+        released = self._released[: self._sc[K.S_RELEASED]]
+        self._sc[K.S_RELEASED] = 0
+        for slot in {*released.tolist(), *candidates}:
+            if state[slot] != K.FREE or self._keys[slot] is None:
+                continue
+            key = self._keys[slot]
+            del self.index[key]
+            self._keys[slot] = None
+            self._free.append(slot)
+            self._s["labels"][slot] = 0.0
+            old = int(where[slot])
+            if old >= 0:
+                self._live[old] -= 1
+                where[slot] = -1
+                self._deleted.append(key)
+
+    def _reserve(self, n: int) -> None:
+        """Grows the heap, action pool and output arrays so that a call with n events cannot overflow them."""
+        live = len(self.index)
+        need = int(self._sc[K.S_HEAP]) + 2 * n + live + 1
+        if need > len(self._h[0]):
+            size = max(need, 2 * len(self._h[0]))
+            self._h = [np.concatenate([h, np.empty(size - len(h), np.int64)]) for h in self._h]
+        need = int(self._sc[K.S_POOL_NEXT]) + n + 1
+        if need > len(self._pool[0]):
+            size = max(need, 2 * len(self._pool[0]))
+            self._pool = [np.concatenate([p, np.empty(size - len(p), p.dtype)]) for p in self._pool]
+        if 2 * n + live + 1 > self._out_cap:
+            self._grow_out(max(2 * n + live + 1, 2 * self._out_cap))
+        if n + live + 1 > len(self._released):
+            self._released = np.empty(max(n + live + 1, 2 * len(self._released)), np.int64)
+
+    def _grow_out(self, cap: int) -> None:
+        self._out_cap = cap
+        self._o = {
+            "slot": np.empty(cap, np.int64), "version": np.empty(cap, np.int64), "weight": np.empty(cap, np.float64),
+            "correction": np.empty(cap, np.bool_), "user": np.empty(cap, np.int64), "pos": np.empty(cap, np.int64),
+            "time": np.empty(cap, np.int64), "ctx": np.empty(cap, np.int64), "labels": np.empty((cap, 4), np.float64),
+        }  # fmt: skip
+
+    def _run(self, kernel, *head) -> None:
+        s, o = self._s, self._o
+        kernel(
+            *head,
+            s["state"], s["user"], s["pos"], s["time"], s["close"], s["ctx"], s["labels"], s["types"], s["version"],
+            s["keep"], s["bhead"], s["btail"], *self._pool, *self._h, self._counters, self._sc, s["dirty"],
+            s["dirty_list"], self._released,
+            o["slot"], o["version"], o["weight"], o["correction"], o["user"], o["pos"], o["time"], o["ctx"],
+            o["labels"],
+        )  # fmt: skip
+
+    def _join(self, *events: np.ndarray) -> None:
+        """The kernel over events (kinds, slots, times, users, positions, contexts, types, values, keep)."""
+        c = self.config
+        self._run(
+            K.join_events, c.window_ms, c.allowed_lateness_ms, c.retention_ms, c.negative_rate,
+            c.late_policy == "correct", *events,
+        )  # fmt: skip
+
+    def _take_output(self) -> JoinedColumns:
+        n = int(self._sc[K.S_OUT])
+        self._sc[K.S_OUT] = 0
+        o, keys, contexts = self._o, self._keys, self.contexts
+        slot_keys = [keys[s] for s in o["slot"][:n].tolist()]
+        return JoinedColumns(
+            request_ids=[k[0] for k in slot_keys],
+            item_ids=np.fromiter((k[1] for k in slot_keys), np.int64, n),
+            user_ids=o["user"][:n].copy(),
+            positions=o["pos"][:n].copy(),
+            event_time_ms=o["time"][:n].copy(),
+            contexts=[contexts[c] for c in o["ctx"][:n].tolist()],
+            label_vectors=o["labels"][:n].copy(),
+            versions=o["version"][:n].astype(np.int32),
+            weights=o["weight"][:n].copy(),
+            corrections=o["correction"][:n].copy(),
+        )
+
+    # -- RocksDB -----------------------------------------------------------------------------------------
+
+    def _scan(self, prefix: bytes):
+        it = self._db.iter()
+        it.seek(prefix)
+        while it.valid() and it.key().startswith(prefix):
+            yield it.key(), it.value()
+            it.next()
+        del it
+
+    def _segment(self, slots: np.ndarray, seq: int) -> bytes:
+        """Segment ``seq``: the records of ``slots`` and the keys deleted since the last commit."""
+        s, keys = self._s, self._keys
+        recs = np.zeros(len(slots), _REC)
+        slot_keys = [keys[x] for x in slots.tolist()]
+        raw_keys = [k[0].encode() for k in slot_keys]
+        recs["item"] = [k[1] for k in slot_keys]
+        for field, name in (("user", "user"), ("time", "time"), ("close", "close"), ("pos", "pos"), ("ctx", "ctx"),
+                            ("types", "types"), ("version", "version"), ("state", "state"), ("keep", "keep")):  # fmt: skip
+            recs[field] = s[name][slots]
+        recs["labels"] = s["labels"][slots]
+        recs["key_len"] = [len(k) for k in raw_keys]
+        actions = []
+        for j, slot in enumerate(slots.tolist()):
+            if s["state"][slot] == K.BUFFER:
+                a = int(s["bhead"][slot])
+                while a >= 0:
+                    actions.append((self._pool[0][a], self._pool[1][a], self._pool[2][a]))
+                    recs["actions"][j] += 1
+                    a = int(self._pool[3][a])
+        deleted = np.zeros(len(self._deleted), _DEL)
+        raw_deleted = [k[0].encode() for k in self._deleted]
+        deleted["item"] = [k[1] for k in self._deleted]
+        deleted["key_len"] = [len(k) for k in raw_deleted]
+        # live records per segment: the slots' previous records are no longer their latest
+        where = s["where"]
+        previous = where[slots]
+        for old, count in zip(*np.unique(previous[previous >= 0], return_counts=True), strict=True):
+            self._live[int(old)] -= int(count)
+        where[slots] = seq
+        self._live[seq] = len(slots)
+        key_blob = b"".join(raw_keys)
+        return b"".join(
+            (
+                _SEGMENT_HEAD.pack(len(recs), len(actions), len(deleted), len(key_blob)),
+                recs.tobytes(), np.array(actions, _ACT).tobytes(), key_blob, deleted.tobytes(), b"".join(raw_deleted),
+            )
+        )  # fmt: skip
+
+    def _restore(self) -> None:
+        """Rebuilds the slots, timers and bookkeeping from the committed segments and contexts."""
+        for raw_id, raw in self._scan(_C):
+            cid = int.from_bytes(raw_id[len(_C) :], "big") - _OFFSET
+            while len(self.contexts) <= cid:
+                self.contexts.append(())
+            self.contexts[cid] = tuple(tuple(pair) for pair in json.loads(raw))
+        self._context_ids = {c: i for i, c in enumerate(self.contexts)}
+        self._stored_contexts = len(self.contexts)
+        latest: dict[Key, tuple[int, np.void, list]] = {}
+        segments = []
+        for raw_seq, raw in self._scan(_V):
+            seq = int.from_bytes(raw_seq[len(_V) :], "big") - _OFFSET
+            segments.append(seq)
+            n_rec, n_act, n_del, key_bytes = _SEGMENT_HEAD.unpack_from(raw)
+            at = _SEGMENT_HEAD.size
+            recs = np.frombuffer(raw, _REC, n_rec, at)
+            at += recs.nbytes
+            acts = np.frombuffer(raw, _ACT, n_act, at)
+            at += acts.nbytes
+            blob = raw[at : at + key_bytes]
+            at += key_bytes
+            dels = np.frombuffer(raw, _DEL, n_del, at)
+            at += dels.nbytes
+            for item, size in zip(dels["item"].tolist(), dels["key_len"].tolist(), strict=True):
+                latest.pop((raw[at : at + size].decode(), item), None)
+                at += size
+            k = a = 0
+            for j, (item, size, n_actions) in enumerate(
+                zip(recs["item"].tolist(), recs["key_len"].tolist(), recs["actions"].tolist(), strict=True)
+            ):
+                latest[(blob[k : k + size].decode(), item)] = (seq, recs[j], acts[a : a + n_actions].tolist())
+                k += size
+                a += n_actions
+        if segments:
+            self._head, self._next_segment = segments[0], segments[-1] + 1
+        wm = self.watermark_ms
+        c = self.config
+        if len(latest) >= self._cap:
+            self._grow_slots(2 * len(latest))
+        s = self._s  # no slot allocation below grows it
+        for key, (seq, rec, actions) in latest.items():
+            slot = self._allocate(key)
+            for name in ("user", "time", "close", "pos", "ctx", "types", "version", "state", "keep"):
+                s[name][slot] = rec[name]
+            s["labels"][slot] = rec["labels"]
+            s["where"][slot] = seq
+            self._live[seq] = self._live.get(seq, 0) + 1
+            state = int(rec["state"])
+            if state == K.OPEN and wm is not None and rec["close"] <= wm:
+                state = s["state"][slot] = K.CLOSED  # closed before the commit (see the module docstring)
+                s["version"][slot] = max(1, int(rec["version"]))
+            if state == K.OPEN:
+                self._timer(int(rec["close"]), K.T_CLOSE, slot)
+            elif state == K.CLOSED:
+                self._timer(int(rec["close"]) + c.retention_ms, K.T_FORGET, slot)
+            else:
+                for kind, value, at in actions:
+                    self._push_action(slot, kind, value, at)
+                for deadline in sorted({at + c.window_ms for _, _, at in actions}):
+                    self._timer(deadline, K.T_ORPHAN, slot)
+
+    def _timer(self, at: int, kind: int, slot: int) -> None:
+        self._reserve(1)
+        K.heap_push(*self._h, self._sc, at, kind, slot)
+
+    def _push_action(self, slot: int, kind: int, value: float, at: int) -> None:
+        self._reserve(1)
+        a = int(self._sc[K.S_POOL_NEXT])
+        self._sc[K.S_POOL_NEXT] += 1
+        b_type, b_value, b_time, b_next = self._pool
+        b_type[a], b_value[a], b_time[a], b_next[a] = kind, value, at, -1
+        s = self._s
+        if s["bhead"][slot] < 0:
+            s["bhead"][slot] = a
+        else:
+            b_next[s["btail"][slot]] = a
+        s["btail"][slot] = a
+
+
+__all__ = ["ActionType", "ColumnJoin", "JoinedColumns"]

@@ -1,0 +1,102 @@
+"""ColumnJoin, the compiled join: the same samples and counters as the reference rules, in memory and on
+RocksDB, across clean restarts and crashes (the property tests of ``test_joiner_eventjoin`` on it)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.joiner.columnjoin import ColumnJoin
+from services.joiner.eventjoin import ActionEvent, ActionType, ImpressionEvent, JoinConfig, JoinedSample
+from tests.services.test_joiner_eventjoin import CHUNKS, PER_EVENT, Driver, reference, run_uninterrupted
+
+
+class Tuples(ColumnJoin):
+    """ColumnJoin whose ``advance`` gives the reference's tuples, as the test driver expects."""
+
+    def advance(self, now_processing_ms: int, input_drained: bool = True) -> list[JoinedSample]:
+        return super().advance(now_processing_ms, input_drained).samples()
+
+
+def run_columns(config, ops, chunk=PER_EVENT, path=None) -> tuple[list[JoinedSample], Tuples]:
+    driver = Driver(Tuples(config, path), chunk=chunk, commit=path is not None)
+    return driver.feed(ops) + driver.flush(), driver.join
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(__import__("tests.services.test_joiner_eventjoin", fromlist=["scenarios"]).scenarios(), CHUNKS)
+def test_column_join_emits_exactly_the_reference_samples_and_counters(scenario, chunk):
+    config, ops = scenario
+    out, join = run_columns(config, ops, chunk)
+    expected, counters = reference(config, ops)
+    assert Counter(out) == expected
+    assert join.counters == counters
+    assert join.index == {}  # every key forgotten after the flush: no slot leaks
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(__import__("tests.services.test_joiner_eventjoin", fromlist=["scenarios"]).scenarios(), st.data())
+def test_column_join_on_rocksdb_with_a_clean_restart_emits_exactly_the_reference_samples(scenario, data):
+    config, ops = scenario
+    cut = data.draw(st.integers(0, len(ops)))
+    chunk = data.draw(CHUNKS)
+    with tempfile.TemporaryDirectory() as path:
+        with Tuples(config, path) as join:
+            driver = Driver(join, chunk=chunk, commit=True)
+            out = driver.feed(ops[:cut])
+            join.commit()
+        with Tuples(config, path) as join:
+            driver = Driver(join, driver.clock_ms, chunk, commit=True)
+            out += driver.feed(ops[cut:]) + driver.flush()
+    expected, counters = reference(config, ops)
+    assert Counter(out) == expected
+    assert driver.join.counters == counters
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(__import__("tests.services.test_joiner_eventjoin", fromlist=["scenarios"]).scenarios(), st.data())
+def test_column_join_crash_after_commit_and_replay_gives_the_samples_of_an_uninterrupted_run(scenario, data):
+    config, ops = scenario
+    committed = data.draw(st.integers(0, len(ops)))
+    crashed = data.draw(st.integers(committed, len(ops)))
+    handled = [op for op in ops[:committed] if op[0] != "gap"]
+    redelivered = data.draw(st.lists(st.sampled_from(handled), max_size=5)) if handled else []
+    expected, _ = run_uninterrupted(config, ops)
+    chunk = data.draw(CHUNKS)
+    with tempfile.TemporaryDirectory() as path:
+        with Tuples(config, path) as join:
+            driver = Driver(join, chunk=chunk, commit=True)
+            before = driver.feed(ops[:committed])
+            join.commit()
+            driver.commit = False
+            lost = driver.feed(ops[committed:crashed])
+        with Tuples(config, path) as join:
+            driver = Driver(join, driver.clock_ms, chunk)
+            assert driver.feed(redelivered) == []
+            after = driver.feed(ops[committed:]) + driver.flush()
+    assert Counter(before + after) == Counter(expected)
+    assert set(lost) <= set(expected)
+
+
+def test_a_reopened_state_of_many_keys_holds_every_window_buffer_and_outbox_entry(tmp_path):
+    config = JoinConfig(window_ms=100, allowed_lateness_ms=0, retention_ms=50)
+    path = str(tmp_path / "state")
+    with ColumnJoin(config, path) as join:
+        join.on_events([ImpressionEvent(f"q{i}", i, i % 7, 1, 0, (("d", str(i % 3)),)) for i in range(3000)])
+        join.on_events([ActionEvent(f"q{i}", i % 7, ActionType.CLICK, 1.0, 5) for i in range(0, 3000, 2)])
+        join.on_events([ActionEvent("early", 1, ActionType.LIKE, 1.0, 60)])  # buffered: no impression yet
+        seq = join.stage_output(b"out")
+        join.commit()
+        windows = sorted(join.windows())
+    with ColumnJoin(config, path) as join:
+        assert sorted(join.windows()) == windows and len(windows) == 3000
+        assert join.pending_outputs() == [(seq, b"out")]
+        late = join.on_events([ImpressionEvent("early", 2, 1, 0, 50)])  # takes the buffered like
+        assert [(s.sample_id, s.label_vector) for s in late] == [("early:1:v1", (0.0, 1.0, 0.0, 0.0))]
+        out = join.on_events([ImpressionEvent("clock", 0, 0, 0, 1000)])  # watermark 1000: all close
+    negatives = [s for s in out if s.sample_id != "early:1:v1"]
+    assert sorted(s.sample_id for s in negatives) == sorted(f"q{i}:{i % 7}:v1" for i in range(1, 3000, 2))
+    assert {s.impression.context for s in negatives} == {(("d", "0"),), (("d", "1"),), (("d", "2"),)}
