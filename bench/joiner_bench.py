@@ -1,18 +1,22 @@
 """Joiner benchmark: ``make bench-joiner`` -> bench/results/joiner.json + a markdown table.
 
 - ``events_per_s``: one joiner process (RocksDB state) drains a backlog of impressions and clicks,
-  published by clients as ``EventBatch`` messages (``freshet.eventlog.EventPublisher``, 256 events
-  each), into samples; events divided by the time until the last sample is in the SAMPLES stream.
-  ``single_event_messages_per_s`` is the same with one event per message, for comparison.
+  published as clients publish them by default, ``EventColumns`` messages on ``events.columns.<p>``
+  (``freshet.eventlog.EventPublisher``, 256 events each), into samples; events divided by the time from
+  the joiner's durable consumer existing (so not the process's start-up) until the last sample is in
+  the SAMPLES stream. ``single_event_messages_per_s`` is the same with one event per message, for
+  comparison.
 - ``join_latency_p99_ms``: clients publish requests (5 impressions, a click on about 1 in 4
-  impressions) at a sustained ``--rate`` events/s, flushing their batches every few milliseconds;
+  impressions) at a sustained ``--rate`` events/s as ``EventColumns``, flushing every few milliseconds;
   for each click, the time from its publish to its sample being stored in the SAMPLES stream (seen
   by a subscriber on ``samples.>``), p50 / p99, plus the rate actually sustained and the joiner
   process's CPU seconds per event over the run (``joiner_cpu_us_per_event``, from /proc).
 - ``join_cpu_us_per_event``: the joiner's own work per event measured in-process, without NATS: the
-  messages the 20,000 events/s load would publish are decoded, joined, featurised, staged and committed
-  on a RocksDB state, one message per step, by the service's own functions; CPU time (best of three
-  runs) divided by events. Less sensitive to a busy machine than the latency figures.
+  ``EventColumns`` messages the 20,000 events/s load would publish are decoded, joined, featurised,
+  staged and committed on a RocksDB state, one message per step, by the service's own functions; CPU
+  time (best of three runs) divided by events. Less sensitive to a busy machine than the latency
+  figures. ``join_cpu_us_per_event_steady`` is the same with windows forgotten after 2 s of retention;
+  ``join_cpu_us_per_event_rows`` the same load as row-form ``EventBatch`` messages.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import nats
 import numpy as np
 
 from freshet import bus
-from freshet.eventlog import EventPublisher
+from freshet.eventcolumns import encode_event_columns
+from freshet.eventlog import EventPublisher, encode_event_batch
 from freshet.events.v1 import events_pb2
 from freshet.natsserver import EmbeddedNats
 from freshet.samples.v1 import samples_pb2
@@ -43,13 +48,39 @@ from services.joiner.service import PartitionJoin, message_events
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ITEMS_PER_REQUEST = 5
+JOINER_DURABLE = "joiner-p0"  # JoinerConfig.durable's default, partition 0
+
+Event = events_pb2.Impression | events_pb2.Action
 
 
-def request_events(i: int, t: int) -> list:
-    """Request ``i``'s events as separate messages' payloads (see ``add_request``)."""
-    batch = events_pb2.EventBatch()
-    add_request(batch, i, t)
-    return [getattr(entry, entry.WhichOneof("kind")) for entry in batch.events]
+def request_events(i: int, t: int, click_every: int = 4) -> list[Event]:
+    """Request ``i``'s events: 5 impressions at ``t``, each followed, on every ``click_every``-th item
+    overall, by a click on it 1 ms later."""
+    events: list[Event] = []
+    for slot in range(ITEMS_PER_REQUEST):
+        item = (i * 7 + slot) % 1000
+        events.append(
+            events_pb2.Impression(
+                request_id=f"r{i}",
+                user_id=i % 997,
+                item_id=item,
+                position=slot,
+                event_time_ms=t,
+                context={"device": "ios" if i % 3 else "web"},
+            )
+        )
+        if (i * ITEMS_PER_REQUEST + slot) % click_every == 0:
+            events.append(
+                events_pb2.Action(
+                    request_id=f"r{i}", item_id=item, type=events_pb2.ACTION_TYPE_CLICK, event_time_ms=t + 1
+                )
+            )
+    return events
+
+
+def click_sample_ids(events: list[Event]) -> list[str]:
+    """The sample ids the clicks among ``events`` complete."""
+    return [f"{e.request_id}:{e.item_id}:v1" for e in events if isinstance(e, events_pb2.Action)]
 
 
 class SampleCounter:
@@ -102,49 +133,31 @@ async def publish_backlog(js, requests: int, base_ms: int, batched: bool, first:
     return events, impressions
 
 
-def add_request(batch: events_pb2.EventBatch, i: int, t: int, click_every: int = 4) -> list[str]:
-    """Request ``i`` appended to batch in place: 5 impressions at ``t`` and, on every ``click_every``-th
-    item, a click 1 ms later. Returns the clicks' sample ids."""
-    clicks = []
-    for slot in range(ITEMS_PER_REQUEST):
-        item = (i * 7 + slot) % 1000
-        imp = batch.events.add().impression
-        imp.request_id, imp.user_id, imp.item_id, imp.position, imp.event_time_ms = f"r{i}", i % 997, item, slot, t
-        imp.context["device"] = "ios" if i % 3 else "web"
-        if (i * ITEMS_PER_REQUEST + slot) % click_every == 0:
-            act = batch.events.add().action
-            act.request_id, act.item_id, act.type, act.event_time_ms = (
-                f"r{i}",
-                item,
-                events_pb2.ACTION_TYPE_CLICK,
-                t + 1,
-            )
-            clicks.append(f"r{i}:{item}:v1")
-    return clicks
-
-
 async def sustained_load(js, counter: SampleCounter, rate: float, seconds: float, first: int) -> dict:
-    """Publishes requests at ``rate`` events/s as one EventBatch every ``flush_s``; watches each click's sample.
+    """Publishes requests at ``rate`` events/s as one EventColumns every ``flush_s``; watches each click's sample.
 
-    The messages are built in place rather than through ``EventPublisher``: the generator shares the
-    machine's two cores with the joiner and NATS, so the cheaper the client, the more the joiner gets.
+    The messages are encoded here rather than through ``EventPublisher`` (same encoding, same subject):
+    one message per flush whatever its size, and the generator, which shares the machine's two cores
+    with the joiner and NATS, does no more than it must.
     """
     flush_s = 0.005
     start = time.monotonic()
     events, i, n = 0, first, 0
     while (now := time.monotonic()) - start < seconds:
         due = int((now - start) * rate)  # events that should have been published by now
-        batch, clicks, t = events_pb2.EventBatch(), [], bus.now_ms()
-        while events + len(batch.events) < due:
-            clicks += add_request(batch, i, t)
+        message: list[Event] = []
+        t = bus.now_ms()
+        while events + len(message) < due:
+            message += request_events(i, t)
             i += 1
-        if batch.events:
-            events += len(batch.events)
+        if message:
+            events += len(message)
             n += 1
+            payload = encode_event_columns(message)
             sent = time.monotonic()
-            for sample_id in clicks:
+            for sample_id in click_sample_ids(message):
                 counter.watch[sample_id] = sent
-            await bus.publish(js, "events.batch.0", batch.SerializeToString(), msg_id=f"live-{first}:{n}")
+            await bus.publish(js, "events.columns.0", payload, msg_id=f"live-{first}:{n}")
         await asyncio.sleep(max(0.0, now + flush_s - time.monotonic()))
     elapsed = time.monotonic() - start
     return {"load_events": events, "load_requests": i - first, "sustained_events_per_s": events / elapsed}
@@ -165,7 +178,7 @@ async def drain(server_url: str, tmp: str, batched: bool, requests: int) -> dict
     events, impressions = await publish_backlog(js, requests, bus.now_ms() - 600_000, batched)
     proc = start_joiner(server_url, os.path.join(tmp, f"state-{batched}"))
     try:
-        started = time.monotonic()
+        started = await joiner_ready(js, proc)
         finished = await counter.wait_for(impressions, timeout_s=600)
     finally:
         stop_joiner(proc)
@@ -173,31 +186,59 @@ async def drain(server_url: str, tmp: str, batched: bool, requests: int) -> dict
     return {"events": events, "events_per_s": events / (finished - started)}
 
 
+async def joiner_ready(js, proc: subprocess.Popen, timeout_s: float = 120) -> float:
+    """The time the joiner's durable consumer on EVENTS first exists (polled every 5 ms).
+
+    Python start-up and imports take 1.5-2 s, about as long as the joiner takes to drain the whole backlog:
+    the drain is timed from here.
+
+    Raises:
+        RuntimeError: the joiner process exited first (its exit code in the message).
+        TimeoutError: no consumer within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await js.consumer_info(bus.EVENTS.name, JOINER_DURABLE)
+        except nats.js.errors.NotFoundError:
+            pass
+        else:
+            return time.monotonic()
+        if (code := proc.poll()) is not None:
+            raise RuntimeError(f"joiner exited with code {code} before its consumer {JOINER_DURABLE} existed")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"joiner consumer {JOINER_DURABLE}: not within {timeout_s}s")
+        await asyncio.sleep(0.005)  # the benchmark's own progress check
+
+
 def load_payloads(
-    events: int, rate: float = 20_000, flush_ms: int = 5, base_ms: int = 1_700_000_000_000
+    events: int, rate: float = 20_000, flush_ms: int = 5, base_ms: int = 1_700_000_000_000, columnar: bool = True
 ) -> list[bytes]:
-    """The EventBatch messages ``sustained_load`` publishes for ``events`` events at ``rate`` (event times
-    advancing with the flushes)."""
+    """The messages ``sustained_load`` publishes for ``events`` events at ``rate`` (event times advancing with
+    the flushes): ``EventColumns``, or with ``columnar=False`` the same events as ``EventBatch`` messages."""
+    encode = encode_event_columns if columnar else encode_event_batch
     payloads, i, published, t = [], 0, 0, base_ms
     per_message = int(rate * flush_ms / 1000)
     while published < events:
-        batch = events_pb2.EventBatch()
-        while len(batch.events) < per_message:
-            add_request(batch, i, t)
+        message: list[Event] = []
+        while len(message) < per_message:
+            message += request_events(i, t)
             i += 1
-        published += len(batch.events)
-        payloads.append(batch.SerializeToString())
+        published += len(message)
+        payloads.append(encode(message))
         t += flush_ms
     return payloads
 
 
-def join_cpu(events: int, repeats: int = 3, **settings) -> float:
+def join_cpu(events: int, repeats: int = 3, *, columnar: bool = True, **settings) -> float:
     """CPU µs per event of the joiner's work on one message per step (decode, join, stage, commit), in-process.
 
-    ``settings`` override ``JoinerConfig`` fields. The garbage collector is tuned as ``run_service`` tunes
-    it in the service process.
+    The messages are ``load_payloads``: ``EventColumns`` on ``events.columns.0``, or with ``columnar=False``
+    ``EventBatch`` on ``events.batch.0``. ``settings`` override ``JoinerConfig`` fields. The garbage collector
+    is tuned as ``run_service`` tunes it in the service process.
     """
-    payloads = load_payloads(events)
+    payloads = load_payloads(events, columnar=columnar)
+    subject = "events.columns.0" if columnar else "events.batch.0"
     settings = dict(window_s=1.0, allowed_lateness_s=0.1, idle_timeout_s=0.5) | settings
     thresholds = gc.get_threshold()
     gc.set_threshold(50_000, 50, 100)
@@ -209,9 +250,9 @@ def join_cpu(events: int, repeats: int = 3, **settings) -> float:
                 n = 0
                 start = time.process_time()
                 for data in payloads:
-                    events, _ = message_events("events.batch.0", data)
-                    n += len(events)
-                    produced = [part.join_events(events), part.join.advance(bus.now_ms())]
+                    columns, _ = message_events(subject, data)
+                    n += len(columns)
+                    produced = [part.join_events(columns), part.join.advance(bus.now_ms())]
                     for seq, _, _ in part.stage(JoinedColumns.concat(produced)):
                         part.join.output_delivered(seq)  # as the delivery worker does once JetStream acknowledged
                 best = min(best, time.process_time() - start)
@@ -290,6 +331,8 @@ async def run(requests: int, single_requests: int, rates: list[float], seconds: 
         # Steady state within the run: windows forgotten after 2 s, so forgetting, freeing slots and
         # segment clean-up all happen.
         "join_cpu_us_per_event_steady": join_cpu(cpu_events, retention_s=2.0),
+        # What a client publishing row-form EventBatch messages (columnar=False) costs the joiner.
+        "join_cpu_us_per_event_rows": join_cpu(cpu_events, columnar=False),
     }
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(store_dir=os.path.join(tmp, "js")) as server:
         single = await drain(server.url, tmp, batched=False, requests=single_requests)
@@ -310,7 +353,7 @@ async def run(requests: int, single_requests: int, rates: list[float], seconds: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20_000, help="backlog requests (5 impressions each)")
+    parser.add_argument("--requests", type=int, default=60_000, help="backlog requests (5 impressions each)")
     parser.add_argument("--single-requests", type=int, default=4_000, help="backlog with one event per message")
     parser.add_argument(
         "--rates", default="5000,10000,15000,20000", help="events/s of the latency runs, comma separated"
@@ -325,12 +368,13 @@ def main() -> int:
     lines = [
         "| measure | value | target |",
         "|---|---|---|",
-        f"| events/s, one joiner, backlog of {report['events']:,} events in EventBatch messages"
+        f"| events/s, one joiner, backlog of {report['events']:,} events in EventColumns messages"
         f" | {report['events_per_s']:,.0f} | ≥ 20,000 |",
         f"| events/s, same with one event per message | {report['single_event_messages_per_s']:,.0f} | |",
         f"| CPU µs per event of the join in-process (decode, join, stage, commit) | "
         f"{report['join_cpu_us_per_event']:.1f} | |",
-        f"| same, steady state (2 s retention, 64 k cached windows) | {report['join_cpu_us_per_event_steady']:.1f} | |",
+        f"| same, steady state (2 s retention) | {report['join_cpu_us_per_event_steady']:.1f} | |",
+        f"| same, EventBatch (row-form) messages | {report['join_cpu_us_per_event_rows']:.1f} | |",
     ]
     for r in report["latency_runs"]:
         p50, p99, cpu = r["join_latency_p50_ms"], r["join_latency_p99_ms"], r["joiner_cpu_us_per_event"]
