@@ -152,19 +152,31 @@ class ColumnJoin:
         config: join settings.
         path: RocksDB directory of the state (created if missing); reopening it restores the last commit.
         sync_writes: fsync the WAL on commit.
+        initial_keys: slots to start with (they grow as needed).
     """
 
-    def __init__(self, config: JoinConfig, path: str | None = None, *, sync_writes: bool = False) -> None:
+    def __init__(
+        self,
+        config: JoinConfig,
+        path: str | None = None,
+        *,
+        sync_writes: bool = False,
+        initial_keys: int = 1 << 14,
+    ) -> None:
         self.config = config
         self.path = path
         self._db: Rdict | None = None
         self._write_opts = WriteOptions()
         self._write_opts.sync = sync_writes
-        self.index: dict[Key, int] = {}  # key -> slot
-        self._keys: list[Key | None] = []  # slot -> key
-        self._free: list[int] = []
+        # Request ids are numbered (rid) while a slot holds a key of theirs (``_r_refs`` counts them).
+        self._rids: dict[str, int] = {}
+        self._rid_str: list[str | None] = []
+        self._free_rids: list[int] = []
+        self._r_refs = np.zeros(1024, np.int64)
+        self._sc = np.zeros(K.SCALARS, np.int64)
         self._cap = 0
-        self._grow_slots(1 << 14)
+        self._ht = np.full(2 * (1 << max(0, initial_keys - 1).bit_length()), K.EMPTY, np.int64)
+        self._grow_slots(max(1, initial_keys))
         self._h = [np.empty(1024, np.int64), np.empty(1024, np.int64), np.empty(1024, np.int64)]
         self._pool = [
             np.empty(256, np.int64),
@@ -175,7 +187,6 @@ class ColumnJoin:
         self._out_cap = 0
         self._grow_out(1024)
         self._released = np.empty(1024, np.int64)
-        self._sc = np.zeros(K.SCALARS, np.int64)
         self._sc[K.S_POOL_FREE] = -1
         self._counters = np.zeros(len(COUNTERS), np.int64)
         self.contexts: list[tuple[tuple[str, str], ...]] = [()]
@@ -221,10 +232,16 @@ class ColumnJoin:
     def watermark_ms(self) -> int | None:
         return int(self._sc[K.S_WM]) if self._sc[K.S_HAS_WM] else None
 
+    @property
+    def live_keys(self) -> int:
+        """Keys with a window or buffered actions (each holds a slot)."""
+        return int(self._sc[K.S_LIVE])
+
     def on_columns(
         self,
         kinds: np.ndarray,
-        request_ids: list[str],
+        requests: list[str],
+        request_index: np.ndarray,
         item_ids: np.ndarray,
         user_ids: np.ndarray,
         positions: np.ndarray,
@@ -235,39 +252,28 @@ class ColumnJoin:
     ) -> JoinedColumns:
         """Joins events given as columns (all valid: kind 1 or 2, a known action type), in order.
 
-        ``request_ids`` has one entry per event; ``context_ids`` are ids of ``intern_context``.
+        Event ``i``'s request id is ``requests[request_index[i]]``; ``context_ids`` are ids of
+        ``intern_context``.
         """
         n = len(kinds)
-        items = item_ids.tolist()
-        keys = list(zip(request_ids, items, strict=True))
-        index = self.index
-        slots = [index.get(key, -1) for key in keys]
-        fresh = []
-        if -1 in slots:
-            for j, slot in enumerate(slots):
-                if slot < 0:
-                    key = keys[j]
-                    slot = index.get(key, -1)
-                    if slot < 0:
-                        slot = self._allocate(key)
-                        fresh.append(slot)
-                    slots[j] = slot
+        fresh = self._number_requests(requests)
+        rids = self._request_rids[np.asarray(request_index, np.int64)]
         rate = self.config.negative_rate
         if rate >= 1.0:
             keep = np.ones(n, np.bool_)
         else:
-            seed = self.config.seed
+            seed, table = self.config.seed, requests
             keep = np.fromiter(
                 (
-                    k == K.K_IMPRESSION and negative_kept(key, rate, seed)
-                    for k, key in zip(kinds.tolist(), keys, strict=True)
+                    k == K.K_IMPRESSION and negative_kept((table[r], item), rate, seed)
+                    for k, r, item in zip(kinds.tolist(), request_index.tolist(), item_ids.tolist(), strict=True)
                 ),
                 np.bool_,
                 n,
             )
         self._reserve(n)
         self._join(
-            np.asarray(kinds, np.int64), np.array(slots, np.int64), np.asarray(event_time_ms, np.int64),
+            np.asarray(kinds, np.int64), rids, np.asarray(item_ids, np.int64), np.asarray(event_time_ms, np.int64),
             np.asarray(user_ids, np.int64), np.asarray(positions, np.int64), np.asarray(context_ids, np.int64),
             np.asarray(action_types, np.int64), np.asarray(values, np.float64), keep,
         )  # fmt: skip
@@ -275,6 +281,35 @@ class ColumnJoin:
         out = self._take_output()
         self._release(fresh)
         return out
+
+    def _number_requests(self, requests: list[str]) -> list[int]:
+        """Sets ``_request_rids`` to the rid of each of requests, numbering new ones; returns the new rids."""
+        get = self._rids.get
+        rids = [get(r, -1) for r in requests]
+        fresh = []
+        if -1 in rids:
+            for j, rid in enumerate(rids):
+                if rid < 0:
+                    request = requests[j]
+                    rid = get(request, -1)  # listed twice in requests
+                    if rid < 0:
+                        rid = self._new_rid(request)
+                        fresh.append(rid)
+                    rids[j] = rid
+        self._request_rids = np.array(rids, np.int64)
+        return fresh
+
+    def _new_rid(self, request: str) -> int:
+        if self._free_rids:
+            rid = self._free_rids.pop()
+            self._rid_str[rid] = request
+        else:
+            rid = len(self._rid_str)
+            self._rid_str.append(request)
+            if rid >= len(self._r_refs):
+                self._r_refs = np.concatenate([self._r_refs, np.zeros(len(self._r_refs), np.int64)])
+        self._rids[request] = rid
+        return rid
 
     def advance(self, now_processing_ms: int, input_drained: bool = True) -> JoinedColumns:
         """As ``EventJoin.advance``: note processing time, move an idle watermark, fire what is due."""
@@ -290,7 +325,7 @@ class ColumnJoin:
         c = self.config
         self._run(K.fire, c.window_ms, c.retention_ms, c.negative_rate)
         out = self._take_output()
-        self._release(())
+        self._release([])
         return out
 
     def intern_context(self, context: tuple[tuple[str, str], ...]) -> int:
@@ -308,7 +343,7 @@ class ColumnJoin:
         join = ColumnJoin(JoinConfig())
         empty = np.zeros(0, np.int64)
         join._reserve(0)
-        join._join(empty, empty, empty, empty, empty, empty, empty, np.zeros(0, np.float64), np.zeros(0, np.bool_))
+        join._join(*[empty] * 8, np.zeros(0, np.float64), np.zeros(0, np.bool_))
         join.advance(0)
 
     # -- the reference's interface (tests, tools) ------------------------------------------------------
@@ -318,9 +353,12 @@ class ColumnJoin:
         if not events:
             return []
         imp = [type(e) is ImpressionEvent for e in events]
+        requests = list(dict.fromkeys(e.request_id for e in events))
+        number = {r: i for i, r in enumerate(requests)}
         cols = self.on_columns(
             np.array([K.K_IMPRESSION if i else K.K_ACTION for i in imp], np.int64),
-            [e.request_id for e in events],
+            requests,
+            np.array([number[e.request_id] for e in events], np.int64),
             np.array([e.item_id for e in events], np.int64),
             np.array([e.user_id if i else 0 for e, i in zip(events, imp, strict=True)], np.int64),
             np.array([e.position if i else 0 for e, i in zip(events, imp, strict=True)], np.int64),
@@ -341,10 +379,11 @@ class ColumnJoin:
 
     def windows(self) -> list[tuple[Key, int, bool]]:
         """(key, close_ms, closed) of every window."""
-        state = self._s["state"]
+        s = self._s
+        state = s["state"]
         return [
-            (self._keys[s], int(self._s["close"][s]), bool(state[s] == K.CLOSED))
-            for s in np.flatnonzero((state == K.OPEN) | (state == K.CLOSED)).tolist()
+            ((self._rid_str[s["rid"][x]], int(s["item"][x])), int(s["close"][x]), bool(state[x] == K.CLOSED))
+            for x in np.flatnonzero((state == K.OPEN) | (state == K.CLOSED)).tolist()
         ]
 
     # -- outbox and commit -----------------------------------------------------------------------------
@@ -424,52 +463,70 @@ class ColumnJoin:
     _SLOT_FIELDS = (
         ("state", np.int64), ("user", np.int64), ("pos", np.int64), ("time", np.int64), ("close", np.int64),
         ("ctx", np.int64), ("types", np.int64), ("version", np.int64), ("keep", np.bool_), ("bhead", np.int64),
-        ("btail", np.int64), ("dirty", np.int8), ("dirty_list", np.int64), ("where", np.int64),
+        ("btail", np.int64), ("dirty", np.int8), ("dirty_list", np.int64), ("where", np.int64), ("rid", np.int64),
+        ("item", np.int64), ("free", np.int64),
     )  # fmt: skip
 
     def _grow_slots(self, cap: int) -> None:
+        """Grows the slot arrays to cap slots; the new ones go on the free stack (lowest on top)."""
         old, n = getattr(self, "_s", None), self._cap
         s = {name: np.zeros(cap, dtype) for name, dtype in self._SLOT_FIELDS}
         s["labels"] = np.zeros((cap, 4), np.float64)
         s["bhead"][:] = s["btail"][:] = s["where"][:] = -1
+        free = int(self._sc[K.S_FREE])
         if old is not None:
             for name, array in old.items():
                 s[name][:n] = array[:n]
+        s["free"][free : free + cap - n] = np.arange(cap - 1, n - 1, -1)
+        self._sc[K.S_FREE] = free + cap - n
         self._s = s
-        self._free.extend(range(cap - 1, n - 1, -1))  # popped from the end: lowest first
-        self._keys.extend([None] * (cap - n))
         self._cap = cap
 
-    def _allocate(self, key: Key) -> int:
-        if not self._free:
-            self._grow_slots(2 * self._cap)
-        slot = self._free.pop()
-        self.index[key] = slot
-        self._keys[slot] = key
-        return slot
-
-    def _release(self, candidates: Iterable[int]) -> None:
-        """Frees the slots the call released (and fresh ones it left unused), each once, if still free."""
-        state, where = self._s["state"], self._s["where"]
-        released = self._released[: self._sc[K.S_RELEASED]]
+    def _release(self, fresh_rids: list[int]) -> None:
+        """After a call: the slots it released go back on the free stack (a stored one's key is deleted with
+        the next commit), and the rids no slot holds any more are forgotten (new ones the call left unused
+        too)."""
+        count = int(self._sc[K.S_RELEASED])
         self._sc[K.S_RELEASED] = 0
-        for slot in {*released.tolist(), *candidates}:
-            if state[slot] != K.FREE or self._keys[slot] is None:
-                continue
-            key = self._keys[slot]
-            del self.index[key]
-            self._keys[slot] = None
-            self._free.append(slot)
-            self._s["labels"][slot] = 0.0
-            old = int(where[slot])
-            if old >= 0:
-                self._live[old] -= 1
-                where[slot] = -1
-                self._deleted.append(key)
+        if count:
+            s = self._s
+            released = self._released[:count].copy()
+            stored = released[s["where"][released] >= 0]
+            if len(stored):
+                where = s["where"][stored]
+                for seq, n in zip(*np.unique(where, return_counts=True), strict=True):
+                    self._live[int(seq)] -= int(n)
+                s["where"][stored] = -1
+                rid_str = self._rid_str
+                self._deleted += [
+                    (rid_str[r], i)
+                    for r, i in zip(s["rid"][stored].tolist(), s["item"][stored].tolist(), strict=True)
+                ]
+            s["labels"][released] = 0.0
+            free = int(self._sc[K.S_FREE])
+            s["free"][free : free + count] = released
+            self._sc[K.S_FREE] = free + count
+            fresh_rids = [*fresh_rids, *np.unique(s["rid"][released]).tolist()]
+        refs = self._r_refs
+        for rid in fresh_rids:
+            request = self._rid_str[rid]
+            if refs[rid] == 0 and request is not None:
+                del self._rids[request]
+                self._rid_str[rid] = None
+                self._free_rids.append(rid)
 
     def _reserve(self, n: int) -> None:
-        """Grows the heap, action pool and output arrays so that a call with n events cannot overflow them."""
-        live = len(self.index)
+        """Grows the slots, hash table, heap, action pool and output arrays so that a call with n events
+        cannot overflow them."""
+        live = self.live_keys
+        if self._sc[K.S_FREE] < n:
+            self._grow_slots(max(2 * self._cap, self._cap + n))
+        if 2 * (live + n) > len(self._ht):
+            size = len(self._ht)
+            while 2 * (live + n) > size:
+                size *= 2
+            self._ht = np.full(size, K.EMPTY, np.int64)
+            K.rehash(self._ht, self._s["state"], self._s["rid"], self._s["item"])
         need = int(self._sc[K.S_HEAP]) + 2 * n + live + 1
         if need > len(self._h[0]):
             size = max(need, 2 * len(self._h[0]))
@@ -486,7 +543,7 @@ class ColumnJoin:
     def _grow_out(self, cap: int) -> None:
         self._out_cap = cap
         self._o = {
-            "slot": np.empty(cap, np.int64), "version": np.empty(cap, np.int64), "weight": np.empty(cap, np.float64),
+            "rid": np.empty(cap, np.int64), "item": np.empty(cap, np.int64), "version": np.empty(cap, np.int64), "weight": np.empty(cap, np.float64),
             "correction": np.empty(cap, np.bool_), "user": np.empty(cap, np.int64), "pos": np.empty(cap, np.int64),
             "time": np.empty(cap, np.int64), "ctx": np.empty(cap, np.int64), "labels": np.empty((cap, 4), np.float64),
         }  # fmt: skip
@@ -496,14 +553,14 @@ class ColumnJoin:
         kernel(
             *head,
             s["state"], s["user"], s["pos"], s["time"], s["close"], s["ctx"], s["labels"], s["types"], s["version"],
-            s["keep"], s["bhead"], s["btail"], *self._pool, *self._h, self._counters, self._sc, s["dirty"],
-            s["dirty_list"], self._released,
-            o["slot"], o["version"], o["weight"], o["correction"], o["user"], o["pos"], o["time"], o["ctx"],
+            s["keep"], s["bhead"], s["btail"], s["rid"], s["item"], self._ht, s["free"], self._r_refs,
+            *self._pool, *self._h, self._counters, self._sc, s["dirty"], s["dirty_list"], self._released,
+            o["rid"], o["item"], o["version"], o["weight"], o["correction"], o["user"], o["pos"], o["time"], o["ctx"],
             o["labels"],
         )  # fmt: skip
 
     def _join(self, *events: np.ndarray) -> None:
-        """The kernel over events (kinds, slots, times, users, positions, contexts, types, values, keep)."""
+        """The kernel over events (kinds, rids, items, times, users, positions, contexts, types, values, keep)."""
         c = self.config
         self._run(
             K.join_events, c.window_ms, c.allowed_lateness_ms, c.retention_ms, c.negative_rate,
@@ -513,11 +570,10 @@ class ColumnJoin:
     def _take_output(self) -> JoinedColumns:
         n = int(self._sc[K.S_OUT])
         self._sc[K.S_OUT] = 0
-        o, keys, contexts = self._o, self._keys, self.contexts
-        slot_keys = [keys[s] for s in o["slot"][:n].tolist()]
+        o, rid_str, contexts = self._o, self._rid_str, self.contexts
         return JoinedColumns(
-            request_ids=[k[0] for k in slot_keys],
-            item_ids=np.fromiter((k[1] for k in slot_keys), np.int64, n),
+            request_ids=[rid_str[r] for r in o["rid"][:n].tolist()],
+            item_ids=o["item"][:n].copy(),
             user_ids=o["user"][:n].copy(),
             positions=o["pos"][:n].copy(),
             event_time_ms=o["time"][:n].copy(),
@@ -540,11 +596,10 @@ class ColumnJoin:
 
     def _segment(self, slots: np.ndarray, seq: int) -> bytes:
         """Segment ``seq``: the records of ``slots`` and the keys deleted since the last commit."""
-        s, keys = self._s, self._keys
+        s, rid_str = self._s, self._rid_str
         recs = np.zeros(len(slots), _REC)
-        slot_keys = [keys[x] for x in slots.tolist()]
-        raw_keys = [k[0].encode() for k in slot_keys]
-        recs["item"] = [k[1] for k in slot_keys]
+        raw_keys = [rid_str[r].encode() for r in s["rid"][slots].tolist()]
+        recs["item"] = s["item"][slots]
         for field, name in (("user", "user"), ("time", "time"), ("close", "close"), ("pos", "pos"), ("ctx", "ctx"),
                             ("types", "types"), ("version", "version"), ("state", "state"), ("keep", "keep")):  # fmt: skip
             recs[field] = s[name][slots]
@@ -615,11 +670,16 @@ class ColumnJoin:
             self._head, self._next_segment = segments[0], segments[-1] + 1
         wm = self.watermark_ms
         c = self.config
-        if len(latest) >= self._cap:
-            self._grow_slots(2 * len(latest))
-        s = self._s  # no slot allocation below grows it
-        for key, (seq, rec, actions) in latest.items():
-            slot = self._allocate(key)
+        keys = list(latest)
+        self._reserve(len(keys) + sum(len(actions) for _, _, actions in latest.values()))
+        self._number_requests([request for request, _ in keys])
+        slots = np.empty(len(keys), np.int64)
+        s = self._s  # grown enough above: nothing below grows it
+        K.add_keys(
+            self._ht, s["rid"], s["item"], s["free"], self._r_refs, self._sc, self._request_rids,
+            np.array([item for _, item in keys], np.int64), slots,
+        )  # fmt: skip
+        for slot, (seq, rec, actions) in zip(slots.tolist(), latest.values(), strict=True):
             for name in ("user", "time", "close", "pos", "ctx", "types", "version", "state", "keep"):
                 s[name][slot] = rec[name]
             s["labels"][slot] = rec["labels"]
@@ -640,11 +700,11 @@ class ColumnJoin:
                     self._timer(deadline, K.T_ORPHAN, slot)
 
     def _timer(self, at: int, kind: int, slot: int) -> None:
-        self._reserve(1)
+        """Schedules a timer (room reserved by the caller)."""
         K.heap_push(*self._h, self._sc, at, kind, slot)
 
     def _push_action(self, slot: int, kind: int, value: float, at: int) -> None:
-        self._reserve(1)
+        """Appends a buffered action to slot's (room reserved by the caller)."""
         a = int(self._sc[K.S_POOL_NEXT])
         self._sc[K.S_POOL_NEXT] += 1
         b_type, b_value, b_time, b_next = self._pool

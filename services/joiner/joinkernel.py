@@ -5,10 +5,14 @@ samples and counters (``tests/services/test_joiner_columnjoin.py`` checks them a
 model). Only the order of windows that fire at the same millisecond may differ: here they fire by slot,
 there by key.
 
-The state lives in ``Slots`` (one slot per key that has a window or buffered actions), a binary heap of
-timers, and a pool of buffered actions. Keys never reach this code: the caller maps each event's key to
-a slot beforehand (a new key gets a free slot in state ``FREE``) and frees the slots the call left
-``FREE`` afterwards (``released``), so slots are only ever allocated and freed outside.
+The state lives in slots (one per key that has a window or buffered actions: arrays ``s_*``), a hash
+table from key to slot (open addressing, linear probing, backward-shift deletion), a binary heap of
+timers, and a pool of buffered actions. A key is (request, item): the caller numbers request ids
+(``rid``) and keeps their strings; each slot counts towards its request's ``r_refs``. A new key takes a
+slot from the free stack ``fs`` (the caller keeps at least as many there as the call has events); a slot
+that becomes free leaves the table at once and is listed in ``released``, and the caller puts it back
+on the free stack after the call (so a slot is never reused within a call, and the output can still
+name its key).
 
 Timers are (due ms, kind, slot); removed ones are not searched for: a timer that no longer applies
 (its slot closed, forgotten or taken by another key) finds its slot in another state, or due anyway, and
@@ -18,6 +22,7 @@ does nothing wrong (see ``_fire``).
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 # Slot states
 FREE, BUFFER, OPEN, CLOSED = 0, 1, 2, 3
@@ -32,8 +37,79 @@ C_DUP_IMPRESSIONS, C_LATE_IMPRESSIONS, C_DUP_ACTIONS, C_OUT_OF_WINDOW, C_LATE_AC
 C_BUFFERED, C_ORPHANS, C_FORGOTTEN = range(12, 15)
 # Scalars (``sc``, int64)
 S_HAS_WM, S_WM, S_HAS_MAX, S_MAX, S_HEAP, S_POOL_FREE, S_POOL_NEXT = range(7)
-S_DIRTY, S_OUT, S_RELEASED, S_ARRIVALS = range(7, 11)
-SCALARS = 11
+S_DIRTY, S_OUT, S_RELEASED, S_ARRIVALS, S_FREE, S_LIVE = range(7, 13)
+SCALARS = 13
+EMPTY = -1  # an empty hash table entry
+
+
+@numba.njit(cache=True, inline="always")
+def _mix(rid, item):
+    x = np.uint64(rid) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(item)
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(29)
+    return x
+
+
+@numba.njit(cache=True, inline="always")
+def find_or_add(ht, s_rid, s_item, fs, r_refs, sc, rid, item):
+    """The slot of key (rid, item); a new key takes a slot off the free stack (its state stays FREE)."""
+    mask = np.uint64(ht.shape[0] - 1)
+    h = _mix(rid, item) & mask
+    while True:
+        slot = ht[h]
+        if slot == EMPTY:
+            n = sc[S_FREE] - 1
+            sc[S_FREE] = n
+            slot = fs[n]
+            ht[h] = slot
+            s_rid[slot], s_item[slot] = rid, item
+            r_refs[rid] += 1
+            sc[S_LIVE] += 1
+            return slot
+        if s_rid[slot] == rid and s_item[slot] == item:
+            return slot
+        h = (h + np.uint64(1)) & mask
+
+
+@numba.njit(cache=True, inline="always")
+def _remove(ht, s_rid, s_item, slot):
+    """Takes slot out of the table, shifting back the entries after it that probed past it."""
+    mask = np.uint64(ht.shape[0] - 1)
+    i = _mix(s_rid[slot], s_item[slot]) & mask
+    while ht[i] != slot:
+        i = (i + np.uint64(1)) & mask
+    j = i
+    while True:
+        j = (j + np.uint64(1)) & mask
+        other = ht[j]
+        if other == EMPTY:
+            break
+        k = _mix(s_rid[other], s_item[other]) & mask
+        if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
+            continue  # its probe starts after the hole: it stays
+        ht[i] = other
+        i = j
+    ht[i] = EMPTY
+
+
+@numba.njit(cache=True)
+def rehash(ht, state, s_rid, s_item):
+    """Fills an empty table with every slot in use."""
+    mask = np.uint64(ht.shape[0] - 1)
+    for slot in range(state.shape[0]):
+        if state[slot] != FREE:
+            h = _mix(s_rid[slot], s_item[slot]) & mask
+            while ht[h] != EMPTY:
+                h = (h + np.uint64(1)) & mask
+            ht[h] = slot
+
+
+@numba.njit(cache=True)
+def add_keys(ht, s_rid, s_item, fs, r_refs, sc, rids, items, out):
+    """Slots for new keys (restoring a state): ``out[i]`` is the slot of (rids[i], items[i])."""
+    for i in range(rids.shape[0]):
+        out[i] = find_or_add(ht, s_rid, s_item, fs, r_refs, sc, rids[i], items[i])
 
 
 @numba.njit(cache=True, inline="always")
@@ -52,7 +128,7 @@ def _swap(h_at, h_kind, h_slot, a, b):
     h_slot[a], h_slot[b] = h_slot[b], h_slot[a]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def heap_push(h_at, h_kind, h_slot, sc, at, kind, slot):
     """Adds a timer; the caller keeps the heap arrays longer than any call can fill them."""
     i = sc[S_HEAP]
@@ -66,7 +142,7 @@ def heap_push(h_at, h_kind, h_slot, sc, at, kind, slot):
         i = parent
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _heap_pop(h_at, h_kind, h_slot, sc):
     n = sc[S_HEAP] - 1
     sc[S_HEAP] = n
@@ -95,22 +171,26 @@ def _mark_dirty(dirty, dirty_list, sc, slot):
 
 
 @numba.njit(cache=True, inline="always")
-def _release(state, released, sc, slot):
+def _release(state, ht, s_rid, s_item, r_refs, released, sc, slot):
     state[slot] = FREE
+    _remove(ht, s_rid, s_item, slot)
+    r_refs[s_rid[slot]] -= 1
+    sc[S_LIVE] -= 1
     released[sc[S_RELEASED]] = slot
     sc[S_RELEASED] += 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _emit(
     slot, version, weight, correction,
-    s_user, s_pos, s_time, s_ctx, s_labels,
-    o_slot, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
+    s_user, s_pos, s_time, s_ctx, s_labels, s_rid, s_item,
+    o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
 ):  # fmt: skip
     """A sample of slot's window as it is now (copied: the slot may change later in the call)."""
     j = sc[S_OUT]
     sc[S_OUT] = j + 1
-    o_slot[j], o_version[j], o_weight[j], o_correction[j] = slot, version, weight, correction
+    o_rid[j], o_item[j] = s_rid[slot], s_item[slot]
+    o_version[j], o_weight[j], o_correction[j] = version, weight, correction
     o_user[j], o_pos[j], o_time[j], o_ctx[j] = s_user[slot], s_pos[slot], s_time[slot], s_ctx[slot]
     for c in range(4):
         o_labels[j, c] = s_labels[slot, c]
@@ -120,9 +200,10 @@ def _emit(
 def fire(
     window_ms, retention_ms, negative_rate,
     state, s_user, s_pos, s_time, s_close, s_ctx, s_labels, s_types, s_version, s_keep, s_bhead, s_btail,
+    s_rid, s_item, ht, fs, r_refs,
     b_type, b_value, b_time, b_next,
     h_at, h_kind, h_slot, counters, sc, dirty, dirty_list, released,
-    o_slot, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
+    o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
 ):  # fmt: skip
     """Fires every timer due at the watermark, in (due, kind, slot) order (``EventJoin._fire``)."""
     if not sc[S_HAS_WM]:
@@ -137,8 +218,8 @@ def fire(
                 if s_keep[slot]:
                     counters[C_NEGATIVES] += 1
                     _emit(
-                        slot, 1, 1.0 / negative_rate, False, s_user, s_pos, s_time, s_ctx, s_labels,
-                        o_slot, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
+                        slot, 1, 1.0 / negative_rate, False, s_user, s_pos, s_time, s_ctx, s_labels, s_rid, s_item,
+                        o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
                     )  # fmt: skip
                 else:
                     counters[C_DOWNSAMPLED] += 1
@@ -151,7 +232,7 @@ def fire(
             if state[slot] != CLOSED or s_close[slot] + retention_ms != at:
                 continue
             counters[C_FORGOTTEN] += 1
-            _release(state, released, sc, slot)
+            _release(state, ht, s_rid, s_item, r_refs, released, sc, slot)
         else:
             if state[slot] != BUFFER:
                 continue  # its impression came (the buffer went into the window), or the slot was freed
@@ -176,7 +257,7 @@ def fire(
                     b_next[kept_tail] = -1
                 s_bhead[slot], s_btail[slot] = kept_head, kept_tail
                 if kept_head < 0:
-                    _release(state, released, sc, slot)
+                    _release(state, ht, s_rid, s_item, r_refs, released, sc, slot)
                 else:
                     _mark_dirty(dirty, dirty_list, sc, slot)
 
@@ -184,11 +265,12 @@ def fire(
 @numba.njit(cache=True)
 def join_events(
     window_ms, lateness_ms, retention_ms, negative_rate, correct_late,
-    e_kind, e_slot, e_time, e_user, e_pos, e_ctx, e_type, e_value, e_keep,
+    e_kind, e_rid, e_item, e_time, e_user, e_pos, e_ctx, e_type, e_value, e_keep,
     state, s_user, s_pos, s_time, s_close, s_ctx, s_labels, s_types, s_version, s_keep, s_bhead, s_btail,
+    s_rid, s_item, ht, fs, r_refs,
     b_type, b_value, b_time, b_next,
     h_at, h_kind, h_slot, counters, sc, dirty, dirty_list, released,
-    o_slot, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
+    o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
 ):  # fmt: skip
     """Joins events in order (``EventJoin.on_events``); samples go to the ``o_*`` arrays from ``sc[S_OUT]``.
 
@@ -197,7 +279,8 @@ def join_events(
     """
     n = e_kind.shape[0]
     for i in range(n):
-        slot, t = e_slot[i], e_time[i]
+        slot = find_or_add(ht, s_rid, s_item, fs, r_refs, sc, e_rid[i], e_item[i])
+        t = e_time[i]
         has_wm, wm = sc[S_HAS_WM], sc[S_WM]
         st = state[slot]
         if e_kind[i] == K_IMPRESSION:
@@ -233,8 +316,8 @@ def join_events(
                     s_version[slot] = 1
                     counters[C_POSITIVES] += 1
                     _emit(
-                        slot, 1, 1.0, False, s_user, s_pos, s_time, s_ctx, s_labels,
-                        o_slot, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
+                        slot, 1, 1.0, False, s_user, s_pos, s_time, s_ctx, s_labels, s_rid, s_item,
+                        o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
                     )  # fmt: skip
                 heap_push(h_at, h_kind, h_slot, sc, close, T_CLOSE, slot)
                 _mark_dirty(dirty, dirty_list, sc, slot)
@@ -281,10 +364,12 @@ def join_events(
                 else:
                     counters[C_UPDATES] += 1
                 _emit(
-                    slot, version, 1.0, st == CLOSED, s_user, s_pos, s_time, s_ctx, s_labels,
-                    o_slot, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
+                    slot, version, 1.0, st == CLOSED, s_user, s_pos, s_time, s_ctx, s_labels, s_rid, s_item,
+                    o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels, sc,
                 )  # fmt: skip
                 _mark_dirty(dirty, dirty_list, sc, slot)
+        if state[slot] == FREE:  # a new key the event did not keep (late, orphaned, ...)
+            _release(state, ht, s_rid, s_item, r_refs, released, sc, slot)
         # observe the event
         sc[S_ARRIVALS] += 1
         if not sc[S_HAS_MAX] or t > sc[S_MAX]:
@@ -295,8 +380,8 @@ def join_events(
             fire(
                 window_ms, retention_ms, negative_rate,
                 state, s_user, s_pos, s_time, s_close, s_ctx, s_labels, s_types, s_version, s_keep, s_bhead,
-                s_btail, b_type, b_value, b_time, b_next,
+                s_btail, s_rid, s_item, ht, fs, r_refs, b_type, b_value, b_time, b_next,
                 h_at, h_kind, h_slot, counters, sc, dirty, dirty_list, released,
-                o_slot, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
+                o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
             )  # fmt: skip
     return n

@@ -174,11 +174,11 @@ class PartitionJoin:
     def join_events(self, columns: EventColumns) -> JoinedColumns:
         """Joins a message's valid events (``message_events``) in order; their samples and those fired."""
         join = self.join
-        request_ids = columns.request_ids
         contexts = np.array([*map(join.intern_context, columns.contexts), 0], np.int64)  # -1: no context
         return join.on_columns(
             columns.kinds,
-            [request_ids[i] for i in columns.request_index.tolist()],
+            columns.request_ids,
+            columns.request_index,
             columns.item_ids,
             columns.user_ids,
             columns.positions,

@@ -6,11 +6,14 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.joiner import joinkernel as K
 from services.joiner.columnjoin import ColumnJoin
-from services.joiner.eventjoin import ActionEvent, ActionType, ImpressionEvent, JoinConfig, JoinedSample
+from services.joiner.eventjoin import ActionEvent, ActionType, EventJoin, ImpressionEvent, JoinConfig, JoinedSample
+from services.joiner.joinstate import MemoryJoinState
 from tests.services.test_joiner_eventjoin import CHUNKS, PER_EVENT, Driver, reference, run_uninterrupted
 
 
@@ -34,7 +37,7 @@ def test_column_join_emits_exactly_the_reference_samples_and_counters(scenario, 
     expected, counters = reference(config, ops)
     assert Counter(out) == expected
     assert join.counters == counters
-    assert join.index == {}  # every key forgotten after the flush: no slot leaks
+    assert join.live_keys == 0 and join._rids == {}  # every key forgotten after the flush: nothing leaks
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -100,3 +103,64 @@ def test_a_reopened_state_of_many_keys_holds_every_window_buffer_and_outbox_entr
     negatives = [s for s in out if s.sample_id != "early:1:v1"]
     assert sorted(s.sample_id for s in negatives) == sorted(f"q{i}:{i % 7}:v1" for i in range(1, 3000, 2))
     assert {s.impression.context for s in negatives} == {(("d", "0"),), (("d", "1"),), (("d", "2"),)}
+
+
+def test_the_key_table_finds_every_live_key_through_inserts_and_deletions():
+    """Many keys of few requests in a small table: long probe runs, deletions shifting entries back."""
+    rng = np.random.default_rng(5)
+    size, slots = 64, 40
+    ht = np.full(size, K.EMPTY, np.int64)
+    s_rid, s_item, state = np.zeros(slots, np.int64), np.zeros(slots, np.int64), np.zeros(slots, np.int64)
+    fs, refs, sc = (
+        np.arange(slots - 1, -1, -1, dtype=np.int64),
+        np.zeros(4, np.int64),
+        np.zeros(K.SCALARS, np.int64),
+    )
+    sc[K.S_FREE] = slots
+    live: dict[tuple[int, int], int] = {}
+    for _ in range(3000):
+        key = (int(rng.integers(0, 3)), int(rng.integers(0, 30)))
+        if key in live and rng.random() < 0.5:
+            slot = live.pop(key)
+            K._remove(ht, s_rid, s_item, slot)
+            state[slot] = K.FREE
+            fs[sc[K.S_FREE]] = slot
+            sc[K.S_FREE] += 1
+        elif len(live) < slots:
+            slot = K.find_or_add(ht, s_rid, s_item, fs, refs, sc, *key)
+            assert live.setdefault(key, slot) == slot
+            state[slot] = K.OPEN
+        free = sc[K.S_FREE]
+        for (rid, item), slot in live.items():  # every live key is found where it is, nothing allocated
+            assert K.find_or_add(ht, s_rid, s_item, fs, refs, sc, rid, item) == slot
+        assert sc[K.S_FREE] == free and int((ht != K.EMPTY).sum()) == len(live)
+    rebuilt = np.full(size, K.EMPTY, np.int64)
+    K.rehash(rebuilt, state, s_rid, s_item)
+    assert sorted(rebuilt[rebuilt != K.EMPTY].tolist()) == sorted(live.values())
+
+
+def test_a_long_stream_with_keys_forgotten_and_slots_reused_matches_the_reference():
+    """Thousands of keys through a join that starts with 8 slots: slots, table and heap grow, forgotten
+    keys free slots and request numbers for reuse, and every call gives the reference's samples."""
+    rng = np.random.default_rng(11)
+    config = JoinConfig(window_ms=50, allowed_lateness_ms=5, retention_ms=30, late_policy="correct")
+    compiled = ColumnJoin(config, initial_keys=8)
+    reference_join = EventJoin(config, MemoryJoinState())
+    for step in range(60):
+        events = []
+        for r in range(int(rng.integers(1, 40))):
+            request, t = f"s{step}-{r}", step * 20 + int(rng.integers(0, 20))
+            for item in range(int(rng.integers(1, 4))):
+                if rng.random() < 0.8:
+                    events.append(ImpressionEvent(request, r, item, item, t, (("c", str(item % 2)),)))
+                if rng.random() < 0.4:
+                    kind = ActionType(int(rng.integers(1, 5)))
+                    events.append(
+                        ActionEvent(request, item, kind, float(rng.integers(1, 9)), t + int(rng.integers(-5, 60)))
+                    )
+        rng.shuffle(events)
+        assert Counter(compiled.on_events(events)) == Counter(reference_join.on_events(events))
+        assert compiled.counters == reference_join.counters
+    flush = [ImpressionEvent("flush", 0, 0, 0, 10**6)]
+    assert Counter(compiled.on_events(flush)) == Counter(reference_join.on_events(flush))
+    assert compiled.live_keys == 1 and list(compiled._rids) == ["flush"]
