@@ -178,6 +178,7 @@ class ColumnJoin:
         self._ht = np.full(2 * (1 << max(0, initial_keys - 1).bit_length()), K.EMPTY, np.int64)
         self._grow_slots(max(1, initial_keys))
         self._h = [np.empty(1024, np.int64), np.empty(1024, np.int64), np.empty(1024, np.int64)]
+        self._q = [np.empty(1024, np.int64), np.empty(1024, np.int64)]  # the FORGET ring (see joinkernel)
         self._pool = [
             np.empty(256, np.int64),
             np.empty(256, np.float64),
@@ -531,6 +532,12 @@ class ColumnJoin:
         if need > len(self._h[0]):
             size = max(need, 2 * len(self._h[0]))
             self._h = [np.concatenate([h, np.empty(size - len(h), np.int64)]) for h in self._h]
+        queued, head = int(self._sc[K.S_QLEN]), int(self._sc[K.S_QHEAD])
+        if queued + live + n + 1 > len(self._q[0]):  # a call closes at most every window it sees
+            size = max(queued + live + n + 1, 2 * len(self._q[0]))
+            order = (head + np.arange(queued)) % len(self._q[0])
+            self._q = [np.concatenate([q[order], np.empty(size - queued, np.int64)]) for q in self._q]
+            self._sc[K.S_QHEAD] = 0
         need = int(self._sc[K.S_POOL_NEXT]) + n + 1
         if need > len(self._pool[0]):
             size = max(need, 2 * len(self._pool[0]))
@@ -554,7 +561,7 @@ class ColumnJoin:
             *head,
             s["state"], s["user"], s["pos"], s["time"], s["close"], s["ctx"], s["labels"], s["types"], s["version"],
             s["keep"], s["bhead"], s["btail"], s["rid"], s["item"], self._ht, s["free"], self._r_refs,
-            *self._pool, *self._h, self._counters, self._sc, s["dirty"], s["dirty_list"], self._released,
+            *self._pool, *self._h, *self._q, self._counters, self._sc, s["dirty"], s["dirty_list"], self._released,
             o["rid"], o["item"], o["version"], o["weight"], o["correction"], o["user"], o["pos"], o["time"], o["ctx"],
             o["labels"],
         )  # fmt: skip
@@ -679,6 +686,7 @@ class ColumnJoin:
             self._ht, s["rid"], s["item"], s["free"], self._r_refs, self._sc, self._request_rids,
             np.array([item for _, item in keys], np.int64), slots,
         )  # fmt: skip
+        forget = []  # (due, slot) of closed windows: into the FORGET ring in due order
         for slot, (seq, rec, actions) in zip(slots.tolist(), latest.values(), strict=True):
             for name in ("user", "time", "close", "pos", "ctx", "types", "version", "state", "keep"):
                 s[name][slot] = rec[name]
@@ -692,12 +700,14 @@ class ColumnJoin:
             if state == K.OPEN:
                 self._timer(int(rec["close"]), K.T_CLOSE, slot)
             elif state == K.CLOSED:
-                self._timer(int(rec["close"]) + c.retention_ms, K.T_FORGET, slot)
+                forget.append((int(rec["close"]) + c.retention_ms, slot))
             else:
                 for kind, value, at in actions:
                     self._push_action(slot, kind, value, at)
                 for deadline in sorted({at + c.window_ms for _, _, at in actions}):
                     self._timer(deadline, K.T_ORPHAN, slot)
+        for at, slot in sorted(forget):
+            K.ring_push(*self._q, self._sc, at, slot)
 
     def _timer(self, at: int, kind: int, slot: int) -> None:
         """Schedules a timer (room reserved by the caller)."""

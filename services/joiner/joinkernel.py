@@ -14,9 +14,12 @@ that becomes free leaves the table at once and is listed in ``released``, and th
 on the free stack after the call (so a slot is never reused within a call, and the output can still
 name its key).
 
-Timers are (due ms, kind, slot); removed ones are not searched for: a timer that no longer applies
-(its slot closed, forgotten or taken by another key) finds its slot in another state, or due anyway, and
-does nothing wrong (see ``_fire``).
+Timers are (due ms, kind, slot). CLOSE and ORPHAN timers are in the heap; FORGET timers, due ``retention``
+after their window's close, are scheduled as windows close, i.e. in order of their due times, so they
+wait in a FIFO ring (``q_at``, ``q_slot``) instead: the heap holds open windows only, however long keys
+are remembered. Removed timers are not searched for: a timer that no longer applies (its slot closed,
+forgotten or taken by another key) finds its slot in another state or with another due time, and does
+nothing (see ``fire``).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ C_DUP_IMPRESSIONS, C_LATE_IMPRESSIONS, C_DUP_ACTIONS, C_OUT_OF_WINDOW, C_LATE_AC
 C_BUFFERED, C_ORPHANS, C_FORGOTTEN = range(12, 15)
 # Scalars (``sc``, int64)
 S_HAS_WM, S_WM, S_HAS_MAX, S_MAX, S_HEAP, S_POOL_FREE, S_POOL_NEXT = range(7)
-S_DIRTY, S_OUT, S_RELEASED, S_ARRIVALS, S_FREE, S_LIVE = range(7, 13)
-SCALARS = 13
+S_DIRTY, S_OUT, S_RELEASED, S_ARRIVALS, S_FREE, S_LIVE, S_QHEAD, S_QLEN = range(7, 15)
+SCALARS = 15
 EMPTY = -1  # an empty hash table entry
 
 
@@ -143,6 +146,14 @@ def heap_push(h_at, h_kind, h_slot, sc, at, kind, slot):
 
 
 @numba.njit(cache=True, inline="always")
+def ring_push(q_at, q_slot, sc, at, slot):
+    """Appends a FORGET timer (due no earlier than any before it; the caller keeps room in the ring)."""
+    i = (sc[S_QHEAD] + sc[S_QLEN]) % q_at.shape[0]
+    q_at[i], q_slot[i] = at, slot
+    sc[S_QLEN] += 1
+
+
+@numba.njit(cache=True, inline="always")
 def _heap_pop(h_at, h_kind, h_slot, sc):
     n = sc[S_HEAP] - 1
     sc[S_HEAP] = n
@@ -202,17 +213,29 @@ def fire(
     state, s_user, s_pos, s_time, s_close, s_ctx, s_labels, s_types, s_version, s_keep, s_bhead, s_btail,
     s_rid, s_item, ht, fs, r_refs,
     b_type, b_value, b_time, b_next,
-    h_at, h_kind, h_slot, counters, sc, dirty, dirty_list, released,
+    h_at, h_kind, h_slot, q_at, q_slot, counters, sc, dirty, dirty_list, released,
     o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
 ):  # fmt: skip
-    """Fires every timer due at the watermark, in (due, kind, slot) order (``EventJoin._fire``)."""
+    """Fires every timer due at the watermark, in (due, kind) order (``EventJoin._fire``); the ring's
+    FORGET timers go between the heap's CLOSE and ORPHAN timers of the same due time."""
     if not sc[S_HAS_WM]:
         return
     wm = sc[S_WM]
-    while sc[S_HEAP] > 0 and h_at[0] <= wm:
-        at, kind, slot = _heap_pop(h_at, h_kind, h_slot, sc)
+    cap = q_at.shape[0]
+    while True:
+        heap_due = sc[S_HEAP] > 0 and h_at[0] <= wm
+        head = sc[S_QHEAD]
+        ring_due = sc[S_QLEN] > 0 and q_at[head] <= wm
+        if not heap_due and not ring_due:
+            break
+        if ring_due and (not heap_due or q_at[head] < h_at[0] or (q_at[head] == h_at[0] and h_kind[0] > T_FORGET)):
+            at, kind, slot = q_at[head], T_FORGET, q_slot[head]
+            sc[S_QHEAD] = (head + 1) % cap
+            sc[S_QLEN] -= 1
+        else:
+            at, kind, slot = _heap_pop(h_at, h_kind, h_slot, sc)
         if kind == T_CLOSE:
-            if state[slot] != OPEN or s_close[slot] > wm:
+            if state[slot] != OPEN or s_close[slot] != at:
                 continue  # stale: closed already, forgotten, or the slot holds another key
             if s_version[slot] == 0:
                 if s_keep[slot]:
@@ -227,7 +250,7 @@ def fire(
             state[slot] = (
                 CLOSED  # not written: a stored open window whose close <= the committed watermark is closed
             )
-            heap_push(h_at, h_kind, h_slot, sc, s_close[slot] + retention_ms, T_FORGET, slot)
+            ring_push(q_at, q_slot, sc, at + retention_ms, slot)
         elif kind == T_FORGET:
             if state[slot] != CLOSED or s_close[slot] + retention_ms != at:
                 continue
@@ -269,7 +292,7 @@ def join_events(
     state, s_user, s_pos, s_time, s_close, s_ctx, s_labels, s_types, s_version, s_keep, s_bhead, s_btail,
     s_rid, s_item, ht, fs, r_refs,
     b_type, b_value, b_time, b_next,
-    h_at, h_kind, h_slot, counters, sc, dirty, dirty_list, released,
+    h_at, h_kind, h_slot, q_at, q_slot, counters, sc, dirty, dirty_list, released,
     o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
 ):  # fmt: skip
     """Joins events in order (``EventJoin.on_events``); samples go to the ``o_*`` arrays from ``sc[S_OUT]``.
@@ -376,12 +399,12 @@ def join_events(
             sc[S_HAS_MAX], sc[S_MAX] = 1, t
         if not has_wm or t - lateness_ms > wm:
             sc[S_HAS_WM], sc[S_WM] = 1, t - lateness_ms
-        if sc[S_HEAP] > 0 and h_at[0] <= sc[S_WM]:
+        if (sc[S_HEAP] > 0 and h_at[0] <= sc[S_WM]) or (sc[S_QLEN] > 0 and q_at[sc[S_QHEAD]] <= sc[S_WM]):
             fire(
                 window_ms, retention_ms, negative_rate,
                 state, s_user, s_pos, s_time, s_close, s_ctx, s_labels, s_types, s_version, s_keep, s_bhead,
                 s_btail, s_rid, s_item, ht, fs, r_refs, b_type, b_value, b_time, b_next,
-                h_at, h_kind, h_slot, counters, sc, dirty, dirty_list, released,
+                h_at, h_kind, h_slot, q_at, q_slot, counters, sc, dirty, dirty_list, released,
                 o_rid, o_item, o_version, o_weight, o_correction, o_user, o_pos, o_time, o_ctx, o_labels,
             )  # fmt: skip
     return n
