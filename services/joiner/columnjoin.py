@@ -16,8 +16,9 @@ the life of the state): fine for categorical contexts, not for a context value u
 RocksDB layout (``path``; written only by ``commit()``, as one ``WriteBatch``, so a crash restores the last
 commit exactly):
 
-- ``v/<n>`` -> segment ``n``: the slots written by one commit (``_REC`` records, their buffered actions,
-  their keys) and the keys deleted since the previous one. A key's latest record is the one in the newest
+- ``v/<n>`` -> segment ``n``: the slots written by one commit (``_REC`` records with their item, their
+  buffered actions) and the keys deleted since the previous one, naming request ids by their index in
+  the segment's table of them (a request's keys share one entry). A key's latest record is the one in the newest
   segment; a segment is dropped once none of its records is the latest of a live key and no older segment
   is left. A window that closes is not written again: a stored open window whose close is at or before the
   committed watermark is closed (every window the watermark reaches closes before a commit);
@@ -50,12 +51,12 @@ _REC = np.dtype(
     [
         ("item", "<i8"), ("user", "<i8"), ("time", "<i8"), ("close", "<i8"), ("labels", "<f8", (4,)),
         ("pos", "<i4"), ("ctx", "<i4"), ("types", "<i4"), ("version", "<i4"), ("state", "i1"), ("keep", "i1"),
-        ("actions", "<i4"), ("key_len", "<i4"),
+        ("actions", "<i4"), ("request", "<i4"),
     ]
 )  # fmt: skip
 _ACT = np.dtype([("type", "i1"), ("value", "<f8"), ("time", "<i8")])
-_DEL = np.dtype([("item", "<i8"), ("key_len", "<i4")])
-_SEGMENT_HEAD = struct.Struct("<4q")  # records, actions, deletions, bytes of record keys
+_DEL = np.dtype([("item", "<i8"), ("request", "<i4")])
+_SEGMENT_HEAD = struct.Struct("<5q")  # records, actions, deletions, request ids, bytes of request ids
 
 
 def _i64(value: int) -> bytes:
@@ -197,7 +198,8 @@ class ColumnJoin:
         # per segment, segments in use [head, next), keys deleted since the last commit, outbox changes.
         self._live: dict[int, int] = {}
         self._head = self._next_segment = 1
-        self._deleted: list[Key] = []
+        # Keys deleted since the last commit, in chunks: (request ids, index into them per key, item per key).
+        self._deleted: list[tuple[list[str], np.ndarray, np.ndarray]] = []
         self._outbox: dict[int, bytes | None] = {}
         self._arrivals = 0
         self._last_arrival_ms: int | None = None
@@ -498,11 +500,8 @@ class ColumnJoin:
                 for seq, n in zip(*np.unique(where, return_counts=True), strict=True):
                     self._live[int(seq)] -= int(n)
                 s["where"][stored] = -1
-                rid_str = self._rid_str
-                self._deleted += [
-                    (rid_str[r], i)
-                    for r, i in zip(s["rid"][stored].tolist(), s["item"][stored].tolist(), strict=True)
-                ]
+                rids, index = np.unique(s["rid"][stored], return_inverse=True)
+                self._deleted.append(([self._rid_str[r] for r in rids.tolist()], index, s["item"][stored]))
             s["labels"][released] = 0.0
             free = int(self._sc[K.S_FREE])
             s["free"][free : free + count] = released
@@ -605,25 +604,28 @@ class ColumnJoin:
         """Segment ``seq``: the records of ``slots`` and the keys deleted since the last commit."""
         s, rid_str = self._s, self._rid_str
         recs = np.zeros(len(slots), _REC)
-        raw_keys = [rid_str[r].encode() for r in s["rid"][slots].tolist()]
+        rids, recs["request"] = np.unique(s["rid"][slots], return_inverse=True)  # one string per request
+        requests = [rid_str[r] for r in rids.tolist()]
         recs["item"] = s["item"][slots]
         for field, name in (("user", "user"), ("time", "time"), ("close", "close"), ("pos", "pos"), ("ctx", "ctx"),
                             ("types", "types"), ("version", "version"), ("state", "state"), ("keep", "keep")):  # fmt: skip
             recs[field] = s[name][slots]
         recs["labels"] = s["labels"][slots]
-        recs["key_len"] = [len(k) for k in raw_keys]
         actions = []
-        for j, slot in enumerate(slots.tolist()):
-            if s["state"][slot] == K.BUFFER:
-                a = int(s["bhead"][slot])
-                while a >= 0:
-                    actions.append((self._pool[0][a], self._pool[1][a], self._pool[2][a]))
-                    recs["actions"][j] += 1
-                    a = int(self._pool[3][a])
-        deleted = np.zeros(len(self._deleted), _DEL)
-        raw_deleted = [k[0].encode() for k in self._deleted]
-        deleted["item"] = [k[1] for k in self._deleted]
-        deleted["key_len"] = [len(k) for k in raw_deleted]
+        for j in np.flatnonzero(s["state"][slots] == K.BUFFER).tolist():  # few: actions before their impression
+            a = int(s["bhead"][slots[j]])
+            while a >= 0:
+                actions.append((self._pool[0][a], self._pool[1][a], self._pool[2][a]))
+                recs["actions"][j] += 1
+                a = int(self._pool[3][a])
+        deleted = np.zeros(sum(len(items) for _, _, items in self._deleted), _DEL)
+        at = 0
+        for names, index, items in self._deleted:
+            deleted["item"][at : at + len(items)] = items
+            deleted["request"][at : at + len(items)] = index + len(requests)
+            requests += names
+            at += len(items)
+        raw = [r.encode() for r in requests]
         # live records per segment: the slots' previous records are no longer their latest
         where = s["where"]
         previous = where[slots]
@@ -631,11 +633,12 @@ class ColumnJoin:
             self._live[int(old)] -= int(count)
         where[slots] = seq
         self._live[seq] = len(slots)
-        key_blob = b"".join(raw_keys)
+        blob = b"".join(raw)
         return b"".join(
             (
-                _SEGMENT_HEAD.pack(len(recs), len(actions), len(deleted), len(key_blob)),
-                recs.tobytes(), np.array(actions, _ACT).tobytes(), key_blob, deleted.tobytes(), b"".join(raw_deleted),
+                _SEGMENT_HEAD.pack(len(recs), len(actions), len(deleted), len(raw), len(blob)),
+                np.array([len(r) for r in raw], "<i4").tobytes(), blob, recs.tobytes(), np.array(actions, _ACT).tobytes(),
+                deleted.tobytes(),
             )
         )  # fmt: skip
 
@@ -653,25 +656,25 @@ class ColumnJoin:
         for raw_seq, raw in self._scan(_V):
             seq = int.from_bytes(raw_seq[len(_V) :], "big") - _OFFSET
             segments.append(seq)
-            n_rec, n_act, n_del, key_bytes = _SEGMENT_HEAD.unpack_from(raw)
+            n_rec, n_act, n_del, n_req, blob_bytes = _SEGMENT_HEAD.unpack_from(raw)
             at = _SEGMENT_HEAD.size
+            sizes = np.frombuffer(raw, "<i4", n_req, at).tolist()
+            at += 4 * n_req
+            ends = np.cumsum(sizes).tolist()
+            requests = [raw[at + end - size : at + end].decode() for size, end in zip(sizes, ends, strict=True)]
+            at += blob_bytes
             recs = np.frombuffer(raw, _REC, n_rec, at)
             at += recs.nbytes
             acts = np.frombuffer(raw, _ACT, n_act, at)
             at += acts.nbytes
-            blob = raw[at : at + key_bytes]
-            at += key_bytes
             dels = np.frombuffer(raw, _DEL, n_del, at)
-            at += dels.nbytes
-            for item, size in zip(dels["item"].tolist(), dels["key_len"].tolist(), strict=True):
-                latest.pop((raw[at : at + size].decode(), item), None)
-                at += size
-            k = a = 0
-            for j, (item, size, n_actions) in enumerate(
-                zip(recs["item"].tolist(), recs["key_len"].tolist(), recs["actions"].tolist(), strict=True)
+            for item, request in zip(dels["item"].tolist(), dels["request"].tolist(), strict=True):
+                latest.pop((requests[request], item), None)
+            a = 0
+            for j, (item, request, n_actions) in enumerate(
+                zip(recs["item"].tolist(), recs["request"].tolist(), recs["actions"].tolist(), strict=True)
             ):
-                latest[(blob[k : k + size].decode(), item)] = (seq, recs[j], acts[a : a + n_actions].tolist())
-                k += size
+                latest[(requests[request], item)] = (seq, recs[j], acts[a : a + n_actions].tolist())
                 a += n_actions
         if segments:
             self._head, self._next_segment = segments[0], segments[-1] + 1
