@@ -343,11 +343,16 @@ class ColumnJoin:
     def warm() -> None:
         """Loads (or compiles) the compiled kernels now, on a throwaway join with no events, rather than in
         the first join step: a few hundred milliseconds once per process."""
-        join = ColumnJoin(JoinConfig())
+        join = ColumnJoin(JoinConfig(), initial_keys=1)
         empty = np.zeros(0, np.int64)
         join._reserve(0)
         join._join(*[empty] * 8, np.zeros(0, np.float64), np.zeros(0, np.bool_))
         join.advance(0)
+        s = join._s  # and those growing and restoring a state use
+        K.rehash(join._ht, s["state"], s["rid"], s["item"])
+        K.add_keys(join._ht, s["rid"], s["item"], s["free"], join._r_refs, join._sc, empty, empty, empty)
+        join._timer(0, K.T_CLOSE, 0)
+        K.ring_push(*join._q, join._sc, 0, 0)
 
     # -- the reference's interface (tests, tools) ------------------------------------------------------
 
