@@ -47,7 +47,7 @@ def _add_replay_parser(sub) -> None:
     formats = "\n".join(f"  {name:11s} {spec.summary}" for name, spec in FORMATS.items())
     replay = sub.add_parser(
         "replay",
-        help="publish a public dataset as impression and click events on events.batch.<p>",
+        help="publish a public dataset as impression and click events on events.columns.<p>",
         description=f"formats:\n{formats}\n\nEvents keep the dataset's event times unless --shift-to-now.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
