@@ -162,7 +162,7 @@ class ColumnJoin:
         path: str | None = None,
         *,
         sync_writes: bool = False,
-        initial_keys: int = 1 << 14,
+        initial_keys: int = 1 << 16,
     ) -> None:
         self.config = config
         self.path = path
@@ -532,7 +532,7 @@ class ColumnJoin:
                 size *= 2
             self._ht = np.full(size, K.EMPTY, np.int64)
             K.rehash(self._ht, self._s["state"], self._s["rid"], self._s["item"])
-        need = int(self._sc[K.S_HEAP]) + 2 * n + live + 1
+        need = int(self._sc[K.S_HEAP]) + n + 1  # a CLOSE or an ORPHAN timer per event at most
         if need > len(self._h[0]):
             size = max(need, 2 * len(self._h[0]))
             self._h = [np.concatenate([h, np.empty(size - len(h), np.int64)]) for h in self._h]
