@@ -24,7 +24,8 @@ commit exactly):
   committed watermark is closed (every window the watermark reaches closes before a commit);
 - ``c/<id>`` -> a context: JSON [[name, value], ...];
 - ``m/meta`` -> JSON watermark, maximum event time, next outbox sequence, counters, epoch;
-- ``o/<seq>`` -> an outbox entry (as ``RocksJoinState``).
+- ``o/<seq>`` -> an outbox entry: an encoded output (a ``SampleBatch``) committed with the state that produced
+  it, deleted once JetStream acknowledged it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from services.joiner.joinstate import ActionEvent, ActionType, ImpressionEvent, 
 
 _OFFSET = 1 << 63
 _V, _C, _O, _META = b"v/", b"c/", b"o/", b"m/meta"
-_OTHER_LAYOUTS = (b"s/", b"w/", b"b/")  # RocksJoinState's
+_OTHER_LAYOUTS = (b"s/", b"w/", b"b/")  # the layouts of the joiner before the compiled join
 _REC = np.dtype(
     [
         ("item", "<i8"), ("user", "<i8"), ("time", "<i8"), ("close", "<i8"), ("labels", "<f8", (4,)),
@@ -211,7 +212,7 @@ class ColumnJoin:
             self._db = Rdict(path, opts)
             for prefix in _OTHER_LAYOUTS:
                 if next(self._scan(prefix), None) is not None:
-                    raise RuntimeError(f"{path} holds join state in another layout (RocksJoinState); start afresh")
+                    raise RuntimeError(f"{path} holds join state in an older layout; start afresh")
             raw = self._db.get(_META)
             meta = json.loads(raw) if raw is not None else {}
         self.epoch: str = meta.get("epoch") or secrets.token_hex(6)

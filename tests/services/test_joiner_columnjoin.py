@@ -7,8 +7,10 @@ import tempfile
 from collections import Counter
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rocksdict import Options, Rdict
 
 from services.joiner import joinkernel as K
 from services.joiner.columnjoin import ColumnJoin
@@ -164,3 +166,14 @@ def test_a_long_stream_with_keys_forgotten_and_slots_reused_matches_the_referenc
     flush = [ImpressionEvent("flush", 0, 0, 0, 10**6)]
     assert Counter(compiled.on_events(flush)) == Counter(reference_join.on_events(flush))
     assert compiled.live_keys == 1 and list(compiled._rids) == ["flush"]
+
+
+def test_a_state_dir_of_the_joiner_before_the_compiled_join_is_refused_naming_it(tmp_path):
+    path = str(tmp_path / "old")
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    old = Rdict(path, opts)
+    old[b"s/" + bytes(8)] = b"a segment of the per-window layout"
+    old.close()
+    with pytest.raises(RuntimeError, match=f"{path} holds join state in an older layout"):
+        ColumnJoin(JoinConfig(), path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import tempfile
 from collections import Counter, defaultdict
 
 import pytest
@@ -23,7 +22,7 @@ from services.joiner.eventjoin import (
     JoinedSample,
     negative_kept,
 )
-from services.joiner.joinstate import MemoryJoinState, RocksJoinState
+from services.joiner.joinstate import MemoryJoinState
 
 FLUSH_MS = 10**9  # an idle jump that closes and forgets everything
 
@@ -249,66 +248,17 @@ def test_join_in_memory_emits_exactly_the_reference_samples_and_counters(scenari
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.integers(1, 5), st.booleans())
-def test_on_events_gives_the_samples_counters_and_state_of_one_call_per_event(scenario, chunk, rocks):
+@given(scenarios(), st.integers(1, 5))
+def test_on_events_gives_the_samples_counters_and_state_of_one_call_per_event(scenario, chunk):
     config, ops = scenario
-    with tempfile.TemporaryDirectory() as path:
-        runs = []
-        for size in (PER_EVENT, chunk):
-            state = RocksJoinState(f"{path}/{size}", cached_windows=2) if rocks else MemoryJoinState()
-            driver = Driver(EventJoin(config, state), chunk=size, commit=rocks)
-            out = driver.feed(ops)
-            windows = sorted(driver.join.state.windows())
-            out += driver.flush()
-            runs.append((out, driver.join.counters, driver.join.watermark_ms, windows))
-            state.close()
+    runs = []
+    for size in (PER_EVENT, chunk):
+        driver = Driver(EventJoin(config, MemoryJoinState()), chunk=size)
+        out = driver.feed(ops)
+        windows = sorted(driver.join.state.windows())
+        out += driver.flush()
+        runs.append((out, driver.join.counters, driver.join.watermark_ms, windows))
     assert runs[0] == runs[1]  # the same samples in the same order, not only the same multiset
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.data())
-def test_join_on_rocksdb_with_a_clean_restart_emits_exactly_the_reference_samples(scenario, data):
-    config, ops = scenario
-    cut = data.draw(st.integers(0, len(ops)))
-    chunk, cached = data.draw(CHUNKS), data.draw(st.sampled_from([0, 2, 1 << 18]))
-    with tempfile.TemporaryDirectory() as path:
-        with RocksJoinState(path, cached_windows=cached) as state:
-            driver = Driver(EventJoin(config, state), chunk=chunk, commit=True)
-            out = driver.feed(ops[:cut])
-            driver.join.commit()
-        with RocksJoinState(path, cached_windows=cached) as state:
-            driver = Driver(EventJoin(config, state), driver.clock_ms, chunk, commit=True)
-            out += driver.feed(ops[cut:]) + driver.flush()
-    expected, counters = reference(config, ops)
-    assert Counter(out) == expected
-    assert driver.join.counters == counters
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.data())
-def test_crash_after_commit_and_replay_gives_the_samples_of_an_uninterrupted_run(scenario, data):
-    config, ops = scenario
-    committed = data.draw(st.integers(0, len(ops)))
-    crashed = data.draw(st.integers(committed, len(ops)))
-    # Inputs handled before the commit whose acknowledgement was lost: JetStream delivers them again.
-    handled = [op for op in ops[:committed] if op[0] != "gap"]
-    redelivered = data.draw(st.lists(st.sampled_from(handled), max_size=5)) if handled else []
-    expected, _ = run_uninterrupted(config, ops)
-    chunk, cached = data.draw(CHUNKS), data.draw(st.sampled_from([0, 2, 1 << 18]))
-    with tempfile.TemporaryDirectory() as path:
-        with RocksJoinState(path, cached_windows=cached) as state:
-            driver = Driver(EventJoin(config, state), chunk=chunk, commit=True)
-            before = driver.feed(ops[:committed])
-            driver.join.commit()
-            driver.commit = False
-            lost = driver.feed(ops[committed:crashed])  # published, never committed
-        # Closing without commit drops the uncommitted work, as kill -9 does.
-        with RocksJoinState(path, cached_windows=cached) as state:
-            driver = Driver(EventJoin(config, state), driver.clock_ms, chunk)
-            assert driver.feed(redelivered) == []
-            after = driver.feed(ops[committed:]) + driver.flush()
-    assert Counter(before + after) == Counter(expected)
-    assert set(lost) <= set(expected)
 
 
 # ---------------------------------------------------------------------------------------------- rules
