@@ -16,23 +16,24 @@ from services.joiner import joinkernel as K
 from services.joiner.columnjoin import ColumnJoin
 from services.joiner.eventjoin import ActionEvent, ActionType, EventJoin, ImpressionEvent, JoinConfig, JoinedSample
 from services.joiner.joinstate import MemoryJoinState
-from tests.services.test_joiner_eventjoin import CHUNKS, PER_EVENT, Driver, reference, run_uninterrupted
+from tests.services.test_joiner_eventjoin import (
+    CHUNKS,
+    PER_EVENT,
+    CompiledTuples,
+    Driver,
+    reference,
+    run_uninterrupted,
+    scenarios,
+)
 
 
-class Tuples(ColumnJoin):
-    """ColumnJoin whose ``advance`` gives the reference's tuples, as the test driver expects."""
-
-    def advance(self, now_processing_ms: int, input_drained: bool = True) -> list[JoinedSample]:
-        return super().advance(now_processing_ms, input_drained).samples()
-
-
-def run_columns(config, ops, chunk=PER_EVENT, path=None) -> tuple[list[JoinedSample], Tuples]:
-    driver = Driver(Tuples(config, path), chunk=chunk, commit=path is not None)
+def run_columns(config, ops, chunk=PER_EVENT, path=None) -> tuple[list[JoinedSample], CompiledTuples]:
+    driver = Driver(CompiledTuples(config, path), chunk=chunk, commit=path is not None)
     return driver.feed(ops) + driver.flush(), driver.join
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(__import__("tests.services.test_joiner_eventjoin", fromlist=["scenarios"]).scenarios(), CHUNKS)
+@given(scenarios(), CHUNKS)
 def test_column_join_emits_exactly_the_reference_samples_and_counters(scenario, chunk):
     config, ops = scenario
     out, join = run_columns(config, ops, chunk)
@@ -43,17 +44,17 @@ def test_column_join_emits_exactly_the_reference_samples_and_counters(scenario, 
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(__import__("tests.services.test_joiner_eventjoin", fromlist=["scenarios"]).scenarios(), st.data())
+@given(scenarios(), st.data())
 def test_column_join_on_rocksdb_with_a_clean_restart_emits_exactly_the_reference_samples(scenario, data):
     config, ops = scenario
     cut = data.draw(st.integers(0, len(ops)))
     chunk = data.draw(CHUNKS)
     with tempfile.TemporaryDirectory() as path:
-        with Tuples(config, path) as join:
+        with CompiledTuples(config, path) as join:
             driver = Driver(join, chunk=chunk, commit=True)
             out = driver.feed(ops[:cut])
             join.commit()
-        with Tuples(config, path) as join:
+        with CompiledTuples(config, path) as join:
             driver = Driver(join, driver.clock_ms, chunk, commit=True)
             out += driver.feed(ops[cut:]) + driver.flush()
     expected, counters = reference(config, ops)
@@ -62,7 +63,7 @@ def test_column_join_on_rocksdb_with_a_clean_restart_emits_exactly_the_reference
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(__import__("tests.services.test_joiner_eventjoin", fromlist=["scenarios"]).scenarios(), st.data())
+@given(scenarios(), st.data())
 def test_column_join_crash_after_commit_and_replay_gives_the_samples_of_an_uninterrupted_run(scenario, data):
     config, ops = scenario
     committed = data.draw(st.integers(0, len(ops)))
@@ -72,13 +73,13 @@ def test_column_join_crash_after_commit_and_replay_gives_the_samples_of_an_unint
     expected, _ = run_uninterrupted(config, ops)
     chunk = data.draw(CHUNKS)
     with tempfile.TemporaryDirectory() as path:
-        with Tuples(config, path) as join:
+        with CompiledTuples(config, path) as join:
             driver = Driver(join, chunk=chunk, commit=True)
             before = driver.feed(ops[:committed])
             join.commit()
             driver.commit = False
             lost = driver.feed(ops[committed:crashed])
-        with Tuples(config, path) as join:
+        with CompiledTuples(config, path) as join:
             driver = Driver(join, driver.clock_ms, chunk)
             assert driver.feed(redelivered) == []
             after = driver.feed(ops[committed:]) + driver.flush()
