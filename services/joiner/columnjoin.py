@@ -4,13 +4,15 @@ state in arrays and, optionally, in RocksDB.
 The rules are ``EventJoin``'s (``services/joiner/eventjoin.py``, the reference; its docstring states them)
 and so is the interface the joiner needs (``advance``, ``stage_output``, ``output_delivered``,
 ``pending_outputs``, ``commit``, ``counters``, ``epoch``), but events come in as columns
-(``on_columns``) and samples go out as columns (``JoinedColumns``), so no Python object is made per event
-except the key (``(request_id, item_id)``, mapped to its slot by a dict). ``on_events`` /
+(``on_columns``) and samples go out as columns (``JoinedColumns``), so no Python object is made per event:
+request ids are numbered once per message (a dict lookup per distinct request), and the kernel finds each
+key (request number, item) in its own hash table. ``on_events`` /
 ``on_impression`` / ``on_action`` take and give the reference's tuples, for tests and tools.
 
-Memory: every key with a window or buffered actions holds a slot (~110 B of arrays) and a dict entry
-(~150 B with its key), from its impression until ``close + retention``: 20 s of traffic with the default
-settings, e.g. ~260 MB at 50 k impressions/s. Contexts are interned (an id per distinct context, kept for
+Memory: every key with a window or buffered actions holds a slot from its impression until ``close +
+retention`` (65 s with the joiner's defaults): ~110 B of slot arrays, 16-64 B of hash table and a share of
+its request's entry (a dict entry and the request id string, ~100 B per request), ~170 B in all, e.g.
+~550 MB for 50 k impressions/s. Contexts are interned (an id per distinct context, kept for
 the life of the state): fine for categorical contexts, not for a context value unique per request.
 
 RocksDB layout (``path``; written only by ``commit()``, as one ``WriteBatch``, so a crash restores the last
@@ -469,11 +471,12 @@ class ColumnJoin:
 
     # -- slots -------------------------------------------------------------------------------------------
 
+    # Per slot, as small as the values allow: the kernel touches a dozen of them per new key.
     _SLOT_FIELDS = (
-        ("state", np.int64), ("user", np.int64), ("pos", np.int64), ("time", np.int64), ("close", np.int64),
-        ("ctx", np.int64), ("types", np.int64), ("version", np.int64), ("keep", np.bool_), ("bhead", np.int64),
-        ("btail", np.int64), ("dirty", np.int8), ("dirty_list", np.int64), ("where", np.int64), ("rid", np.int64),
-        ("item", np.int64), ("free", np.int64),
+        ("state", np.int8), ("user", np.int64), ("pos", np.int32), ("time", np.int64), ("close", np.int64),
+        ("ctx", np.int32), ("types", np.int8), ("version", np.int32), ("keep", np.bool_), ("bhead", np.int32),
+        ("btail", np.int32), ("dirty", np.int8), ("dirty_list", np.int32), ("where", np.int32), ("rid", np.int64),
+        ("item", np.int64), ("free", np.int32),
     )  # fmt: skip
 
     def _grow_slots(self, cap: int) -> None:
@@ -526,11 +529,11 @@ class ColumnJoin:
         cannot overflow them."""
         live = self.live_keys
         if self._sc[K.S_FREE] < n:
-            self._grow_slots(max(2 * self._cap, self._cap + n))
+            self._grow_slots(max(4 * self._cap, self._cap + n))  # 4x: fewer, cheaper copies while a backlog grows
         if 2 * (live + n) > len(self._ht):
             size = len(self._ht)
             while 2 * (live + n) > size:
-                size *= 2
+                size *= 4
             self._ht = np.full(size, K.EMPTY, np.int64)
             K.rehash(self._ht, self._s["state"], self._s["rid"], self._s["item"])
         need = int(self._sc[K.S_HEAP]) + n + 1  # a CLOSE or an ORPHAN timer per event at most
