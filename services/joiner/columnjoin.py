@@ -416,33 +416,37 @@ class ColumnJoin:
         return sorted((seq, data) for seq, data in stored.items() if data is not None)
 
     def commit(self) -> None:
-        """Writes every change since the last commit, and the meta, as one RocksDB write (no-op in memory)."""
-        dirty_n = int(self._sc[K.S_DIRTY])
-        dirty = self._s["dirty_list"][:dirty_n].copy()
-        self._s["dirty"][dirty] = 0
-        self._sc[K.S_DIRTY] = 0
+        """Writes every change since the last commit, and the meta, as one RocksDB write (no-op in memory).
+
+        Failure-atomic: the bookkeeping of what RocksDB holds changes only once the write succeeded, so
+        after a failed commit the next one writes everything since the last successful one.
+        """
+        s = self._s
+        dirty_all = s["dirty_list"][: int(self._sc[K.S_DIRTY])].copy()
         if self._db is None:
             self._outbox = {k: v for k, v in self._outbox.items() if v is not None}
-            self._deleted.clear()
+            self._committed(dirty_all)
             return
         batch = WriteBatch(raw_mode=True)
-        dirty = dirty[self._s["state"][dirty] != K.FREE]
+        dirty = dirty_all[s["state"][dirty_all] != K.FREE]
+        seq, head, live = self._next_segment, self._head, {}
         if len(dirty) or self._deleted:
-            seq = self._next_segment
-            self._next_segment += 1
-            batch.put(_V + _i64(seq), self._segment(dirty, seq))
-        while self._head < self._next_segment and not self._live.get(self._head):
-            batch.delete(_V + _i64(self._head))
-            self._live.pop(self._head, None)
-            self._head += 1
+            batch.put(_V + _i64(seq), self._segment(dirty))
+            previous = s["where"][dirty]
+            live = dict(zip(*np.unique(previous[previous >= 0], return_counts=True), strict=True))
+            live = {int(old): self._live[int(old)] - int(count) for old, count in live.items()}
+            live[seq] = len(dirty)
+            seq += 1
+        while head < seq and not live.get(head, self._live.get(head)):  # live records per segment, after it
+            batch.delete(_V + _i64(head))
+            head += 1
         for cid in range(self._stored_contexts, len(self.contexts)):
             batch.put(_C + _i64(cid), json.dumps(self.contexts[cid]).encode())
-        self._stored_contexts = len(self.contexts)
-        for seq, data in self._outbox.items():
+        for out_seq, data in self._outbox.items():
             if data is None:
-                batch.delete(_O + _i64(seq))
+                batch.delete(_O + _i64(out_seq))
             else:
-                batch.put(_O + _i64(seq), data)
+                batch.put(_O + _i64(out_seq), data)
         meta = {
             "max_event_ms": int(self._sc[K.S_MAX]) if self._sc[K.S_HAS_MAX] else None,
             "watermark_ms": self.watermark_ms,
@@ -452,7 +456,19 @@ class ColumnJoin:
         }
         batch.put(_META, json.dumps(meta, separators=(",", ":")).encode())
         self._db.write(batch, self._write_opts)
+        s["where"][dirty] = self._next_segment
+        self._live.update(live)
+        for dropped in range(self._head, head):
+            self._live.pop(dropped, None)
+        self._head, self._next_segment = head, seq
+        self._stored_contexts = len(self.contexts)
         self._outbox.clear()
+        self._committed(dirty_all)
+
+    def _committed(self, dirty: np.ndarray) -> None:
+        """After a successful commit: the slots it wrote are clean, the deletions it wrote done."""
+        self._s["dirty"][dirty] = 0
+        self._sc[K.S_DIRTY] = 0
         self._deleted.clear()
 
     def close(self) -> None:
@@ -609,8 +625,8 @@ class ColumnJoin:
             it.next()
         del it
 
-    def _segment(self, slots: np.ndarray, seq: int) -> bytes:
-        """Segment ``seq``: the records of ``slots`` and the keys deleted since the last commit."""
+    def _segment(self, slots: np.ndarray) -> bytes:
+        """A segment: the records of ``slots`` and the keys deleted since the last commit."""
         s, rid_str = self._s, self._rid_str
         recs = np.zeros(len(slots), _REC)
         rids, recs["request"] = np.unique(s["rid"][slots], return_inverse=True)  # one string per request
@@ -635,13 +651,6 @@ class ColumnJoin:
             requests += names
             at += len(items)
         raw = [r.encode() for r in requests]
-        # live records per segment: the slots' previous records are no longer their latest
-        where = s["where"]
-        previous = where[slots]
-        for old, count in zip(*np.unique(previous[previous >= 0], return_counts=True), strict=True):
-            self._live[int(old)] -= int(count)
-        where[slots] = seq
-        self._live[seq] = len(slots)
         blob = b"".join(raw)
         return b"".join(
             (

@@ -178,3 +178,42 @@ def test_a_state_dir_of_the_joiner_before_the_compiled_join_is_refused_naming_it
     old.close()
     with pytest.raises(RuntimeError, match=f"{path} holds join state in an older layout"):
         ColumnJoin(JoinConfig(), path)
+
+
+class FailingWrites:
+    """The real RocksDB, whose next ``write`` fails once, as RocksDB does on a full disk or an I/O error."""
+
+    def __init__(self, db) -> None:
+        self.db, self.fail = db, True
+
+    def write(self, batch, opts) -> None:
+        if self.fail:
+            self.fail = False
+            raise OSError("IO error: No space left on device")
+        self.db.write(batch, opts)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_failed_commit_loses_nothing_the_next_commit_writes(tmp_path):
+    config = JoinConfig(window_ms=100, allowed_lateness_ms=0, retention_ms=1000)
+    path = str(tmp_path / "state")
+    with ColumnJoin(config, path) as join:
+        join.on_events([ImpressionEvent("a", 1, 1, 0, 0, (("c", "x"),))])
+        join.commit()
+        join.on_events([ActionEvent("a", 1, ActionType.CLICK, 1.0, 10)])
+        join.on_events([ImpressionEvent("b", 1, 1, 0, 20, (("c", "y"),))])  # a new key with a new context
+        seq = join.stage_output(b"out")
+        join._db = FailingWrites(join._db)
+        with pytest.raises(OSError, match="No space left"):
+            join.commit()
+        join.commit()
+        windows = sorted(join.windows())
+    with ColumnJoin(config, path) as join:
+        assert sorted(join.windows()) == windows and len(windows) == 2
+        assert join.pending_outputs() == [(seq, b"out")]
+        assert join.on_events([ActionEvent("a", 1, ActionType.CLICK, 1.0, 10)]) == []  # a duplicate
+        assert join.counters["duplicate_actions"] == 1
+        out = join.on_events([ImpressionEvent("clock", 0, 0, 0, 1000)])
+    assert {s.sample_id: s.impression.context for s in out} == {"b:1:v1": (("c", "y"),)}
