@@ -279,9 +279,10 @@ class ColumnJoin:
             )
         self._reserve(n)
         self._join(
-            np.asarray(kinds, np.int64), rids, np.asarray(item_ids, np.int64), np.asarray(event_time_ms, np.int64),
-            np.asarray(user_ids, np.int64), np.asarray(positions, np.int64), np.asarray(context_ids, np.int64),
-            np.asarray(action_types, np.int64), np.asarray(values, np.float64), keep,
+            # Copies: decoded columns are read-only views, which numba would compile a second kernel for.
+            np.array(kinds, np.int64), rids, np.array(item_ids, np.int64), np.array(event_time_ms, np.int64),
+            np.array(user_ids, np.int64), np.array(positions, np.int64), np.array(context_ids, np.int64),
+            np.array(action_types, np.int64), np.array(values, np.float64), keep,
         )  # fmt: skip
         self._arrivals += n
         out = self._take_output()
@@ -491,7 +492,7 @@ class ColumnJoin:
     _SLOT_FIELDS = (
         ("state", np.int8), ("user", np.int64), ("pos", np.int32), ("time", np.int64), ("close", np.int64),
         ("ctx", np.int32), ("types", np.int8), ("version", np.int32), ("keep", np.bool_), ("bhead", np.int32),
-        ("btail", np.int32), ("dirty", np.int8), ("dirty_list", np.int32), ("where", np.int32), ("rid", np.int64),
+        ("btail", np.int32), ("dirty", np.int8), ("dirty_list", np.int32), ("where", np.int64), ("rid", np.int64),
         ("item", np.int64), ("free", np.int32),
     )  # fmt: skip
 

@@ -12,10 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rocksdict import Options, Rdict
 
+from freshet.eventcolumns import decode_event_columns, encode_event_columns
+from freshet.events.v1 import events_pb2
 from services.joiner import joinkernel as K
 from services.joiner.columnjoin import ColumnJoin
+from services.joiner.config import JoinerConfig
 from services.joiner.eventjoin import ActionEvent, ActionType, EventJoin, ImpressionEvent, JoinConfig, JoinedSample
 from services.joiner.joinstate import MemoryJoinState
+from services.joiner.service import PartitionJoin
 from tests.services.test_joiner_eventjoin import (
     CHUNKS,
     PER_EVENT,
@@ -217,3 +221,26 @@ def test_a_failed_commit_loses_nothing_the_next_commit_writes(tmp_path):
         assert join.counters["duplicate_actions"] == 1
         out = join.on_events([ImpressionEvent("clock", 0, 0, 0, 1000)])
     assert {s.sample_id: s.impression.context for s in out} == {"b:1:v1": (("c", "y"),)}
+
+
+def test_warm_loads_the_kernels_the_joiner_runs_on_decoded_columns():
+    """Decoded columns are read-only views: joined as they are, numba would compile a second kernel in the
+    first join step, which ``warm`` exists to avoid."""
+    ColumnJoin.warm()
+    before = len(K.join_events.signatures)
+    part = PartitionJoin(0, JoinerConfig())
+    imp = events_pb2.Impression(request_id="r", user_id=1, item_id=2, position=0, event_time_ms=5)
+    part.join_events(decode_event_columns(encode_event_columns([imp])))
+    assert len(K.join_events.signatures) == before
+
+
+def test_segment_numbers_past_int32_commit_and_reopen(tmp_path):
+    path = str(tmp_path / "state")
+    with ColumnJoin(JoinConfig(window_ms=100, allowed_lateness_ms=0), path) as join:
+        join._head = join._next_segment = 2**31 - 1  # as after 2**31 commits (~250 days at 100 a second)
+        join.on_events([ImpressionEvent("a", 1, 1, 0, 0)])
+        join.commit()
+        join.on_events([ImpressionEvent("b", 1, 1, 0, 10)])
+        join.commit()
+    with ColumnJoin(JoinConfig(window_ms=100, allowed_lateness_ms=0), path) as join:
+        assert len(join.windows()) == 2
