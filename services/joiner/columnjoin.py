@@ -709,8 +709,8 @@ class ColumnJoin:
             np.array([item for _, item in keys], np.int64), slots,
         )  # fmt: skip
         forget = []  # (due, slot) of closed windows: into the FORGET ring in due order
-        for slot, (seq, rec, actions) in zip(slots.tolist(), latest.values(), strict=True):
-            for name in ("user", "time", "close", "pos", "ctx", "types", "version", "state", "keep"):
+        for key, slot, (seq, rec, actions) in zip(keys, slots.tolist(), latest.values(), strict=True):
+            for name in ("user", "time", "close", "pos", "ctx", "types", "version", "state"):
                 s[name][slot] = rec[name]
             s["labels"][slot] = rec["labels"]
             s["where"][slot] = seq
@@ -721,6 +721,8 @@ class ColumnJoin:
                 s["version"][slot] = max(1, int(rec["version"]))
             if state == K.OPEN:
                 self._timer(int(rec["close"]), K.T_CLOSE, slot)
+                # Down-sampling as the reference decides it, at the close, with the settings then in force.
+                s["keep"][slot] = negative_kept(key, c.negative_rate, c.seed)
             elif state == K.CLOSED:
                 forget.append((int(rec["close"]) + c.retention_ms, slot))
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -244,3 +245,20 @@ def test_segment_numbers_past_int32_commit_and_reopen(tmp_path):
         join.commit()
     with ColumnJoin(JoinConfig(window_ms=100, allowed_lateness_ms=0), path) as join:
         assert len(join.windows()) == 2
+
+
+def test_negatives_of_windows_open_across_a_restart_follow_the_rate_in_force_when_they_close(tmp_path):
+    """The reference decides a negative's down-sampling when its window closes, with the settings then."""
+    before = JoinConfig(window_ms=100, allowed_lateness_ms=0, negative_rate=0.5)
+    impressions = [ImpressionEvent(f"q{i}", 1, 1, 0, 0) for i in range(40)]
+    clock = [ImpressionEvent("clock", 1, 1, 0, 1000)]
+    for after in (JoinConfig(window_ms=100, allowed_lateness_ms=0), replace(before, negative_rate=0.3, seed=4)):
+        state = MemoryJoinState()
+        EventJoin(before, state).on_events(impressions)
+        expected = EventJoin(after, state).on_events(clock)
+        path = str(tmp_path / f"state-{after.negative_rate}")
+        with ColumnJoin(before, path) as join:
+            join.on_events(impressions)
+            join.commit()
+        with ColumnJoin(after, path) as join:
+            assert Counter(join.on_events(clock)) == Counter(expected) and expected
