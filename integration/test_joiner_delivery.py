@@ -4,6 +4,7 @@ flight keep the outbox order, the recovery and the input acknowledgements exactl
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 
@@ -207,3 +208,34 @@ async def test_a_join_step_failing_with_uncommitted_state_stops_the_joiner_and_a
     expected = {f"f{m}-{i}:{i}:v1" for m in range(39) for i in range(10)}  # the last message's stay open
     assert len(ids) == len(set(ids)) == 390
     assert set(ids) == expected
+
+
+async def test_a_tick_whose_commit_fails_stops_the_joiner_and_a_restart_loses_nothing(
+    js, nats_url, tmp_path, monkeypatch
+):
+    """The last message's windows close only when the idle partition's tick moves the watermark. Its
+    commit fails: the fired samples are in the outbox but were never handed to delivery, so no later step
+    may commit them. The joiner stops instead; restarted on the committed state, it fires them again."""
+    commit = ColumnJoin.commit
+    failed = []
+
+    def failing_once(self):
+        if not failed and self.counters["impressions"] == 400 and self.counters["negatives"] == 400:
+            failed.append(True)
+            raise OSError("injected failure of the tick's commit")
+        commit(self)
+
+    monkeypatch.setattr(ColumnJoin, "commit", failing_once)
+    config = replace(_backlog_config(step_events=100, state_dir=str(tmp_path / "state")), idle_timeout_s=0.3)
+    await _publish_backlog(js, "t")
+    async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
+        await asyncio.wait_for(joiner.stopping.wait(), timeout=10)
+        assert isinstance(joiner.failed, OSError)
+    assert failed and len(await _stream_ids(js)) == 390  # the last message's 10 were not published
+
+    async with JoinerService(config, BusConfig(nats_url=nats_url)) as joiner:
+        await assert_eventually(lambda: joiner.counts["samples"] >= 10, timeout_s=10)
+        assert joiner.failed is None
+    ids = await _stream_ids(js)
+    assert len(ids) == len(set(ids)) == 400
+    assert set(ids) == {f"t{m}-{i}:{i}:v1" for m in range(40) for i in range(10)}

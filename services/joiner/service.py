@@ -303,9 +303,11 @@ class JoinerService(NatsMixin, Service):
 
         Failures: a step ends before a message's dead-letter or reject I/O, so a failing one finds the
         join state committed and its message and the rest are retried. A failure while the state holds
-        joined events not yet committed (the join itself, or the commit) stops the joiner instead: those
-        events' samples would be lost, and a retry would count the events as duplicates. The messages stay
-        unacknowledged; the restarted joiner reopens the committed state and reads them again first.
+        joined events not yet committed (the join itself), or while a step ends (``advance`` fires windows,
+        ``stage`` puts their samples in the outbox, the commit) stops the joiner instead: those samples
+        would be lost (committed by a later step but never handed to delivery, or their events counted as
+        duplicates by a retry). The messages stay unacknowledged; the restarted joiner reopens the
+        committed state and reads them again first. The tick does the same when its step fails.
         """
         handed = 0  # msgs[:handed] are settled by delivery (or rejected)
         dirty = False  # the join state holds events of this step that are not committed
@@ -342,6 +344,7 @@ class JoinerService(NatsMixin, Service):
                             parents.append(msg.headers)
                         events_in_step += len(events)
                     if events_in_step >= step_events or i == len(msgs) - 1:
+                        dirty = True  # ending a step changes the join too (advance fires, stage stages)
                         await self._hand_on(part, produced, parents, acked)
                         handed, dirty = i + 1, False
                         produced, parents, acked, events_in_step = [], [], [], 0
@@ -386,10 +389,16 @@ class JoinerService(NatsMixin, Service):
                 break  # what the watermark would fire now waits for the next start (its state is committed)
             drained = await self._drained(part)
             async with part.lock:
-                fired = part.join.advance(bus.now_ms(), input_drained=drained)
-                staged = part.stage(fired) if len(fired) else []
-            if staged:
-                await part.deliveries.put(Delivery(staged))
+                try:
+                    fired = part.join.advance(bus.now_ms(), input_drained=drained)
+                    staged = part.stage(fired) if len(fired) else []
+                except Exception as exc:
+                    # Windows fired (and maybe staged) but not handed to delivery: no later step may commit
+                    # them. The crash stops the joiner (``spawn``); a restart fires them again.
+                    part.broken = exc
+                    raise
+                if staged:  # queued under the lock, as join steps queue theirs: delivery sees outbox order
+                    await part.deliveries.put(Delivery(staged))
 
     async def _freeze_forever(self) -> None:
         """Collects the young generation, then freezes every object left, every ``gc_freeze_s``.
