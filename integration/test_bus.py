@@ -352,3 +352,33 @@ async def test_prefetching_loop_fetches_the_next_batch_while_handling_and_keeps_
 
     assert handled == sent  # once each, in stream order
     assert overlapped >= len(sent) // 4  # every batch was handled while the next fetch ran
+
+
+async def test_a_prefetching_loop_holds_messages_while_it_handles_a_batch_or_has_the_next_one_fetched(js):
+    """What the consumer no longer counts as pending: the batch being handled, and a prefetched one."""
+    gate, handling = asyncio.Event(), asyncio.Event()
+
+    async def handler(msgs: list[Msg]) -> list[Outcome]:
+        handling.set()
+        await gate.wait()
+        return [Outcome.ACK] * len(msgs)
+
+    loop = PullLoop(js, _spec(), handler, SOURCE, batch=2, fetch_timeout_s=0.05, prefetch=True)
+    assert not loop.holds_messages()
+    for i in range(4):
+        await publish(js, "events.a", f"m{i}".encode())
+    async with _running(loop) as task:
+        await asyncio.wait_for(handling.wait(), timeout=5)
+        assert loop.holds_messages()  # the first batch, in the handler
+        await _until(task, lambda: _fetched(loop), "the second batch prefetched")
+        gate.set()
+        await _until(task, lambda: _settled(js, 4), "every message handled and acked")
+        await _until(task, lambda: _not_holding(loop), "nothing held once the stream is drained")
+
+
+async def _fetched(loop: PullLoop) -> bool:
+    return loop._next is not None and loop._next.done() and bool(loop._next.result())
+
+
+async def _not_holding(loop: PullLoop) -> bool:
+    return not loop.holds_messages()

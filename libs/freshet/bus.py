@@ -248,6 +248,15 @@ class PullLoop:
     nak_delay_s: float = 1.0
     prefetch: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"acked": 0, "naked": 0, "dead_lettered": 0})
+    _handling: bool = field(default=False, init=False, repr=False)
+    _next: asyncio.Future | None = field(default=None, init=False, repr=False)
+
+    def holds_messages(self) -> bool:
+        """Whether messages were fetched that the handler has not finished: the batch it is handling, or the
+        next one, prefetched. The consumer no longer counts them as pending."""
+        fetch = self._next
+        ready = fetch is not None and fetch.done() and not fetch.cancelled() and fetch.exception() is None
+        return self._handling or (ready and bool(fetch.result()))
 
     async def run(self, stop: asyncio.Event) -> None:
         await declare_consumer(self.js, self.spec)
@@ -262,9 +271,13 @@ class PullLoop:
                         break
                     raise
                 if self.prefetch:
-                    fetch = asyncio.ensure_future(self._fetch(sub))
+                    fetch = self._next = asyncio.ensure_future(self._fetch(sub))
                 if msgs:
-                    await self._handle(msgs)
+                    self._handling = True
+                    try:
+                        await self._handle(msgs)
+                    finally:
+                        self._handling = False
         finally:
             if fetch is not None:
                 # Messages a cancelled fetch already received stay unacknowledged: they come back as after a crash.

@@ -335,6 +335,12 @@ class ColumnJoin:
         self._release([])
         return out
 
+    def note_activity(self, now_processing_ms: int) -> None:
+        """Counts as an arrival for idleness (see ``advance``) without moving anything: for a caller that was
+        held up with events in hand (e.g. by back-pressure), so the wait does not make the partition idle."""
+        self._arrivals = 0
+        self._last_arrival_ms = self._idle_mark_ms = now_processing_ms
+
     def intern_context(self, context: tuple[tuple[str, str], ...]) -> int:
         """The id of a context (sorted (name, value) pairs), new ones numbered from the next free id."""
         cid = self._context_ids.get(context)

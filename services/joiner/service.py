@@ -377,6 +377,7 @@ class JoinerService(NatsMixin, Service):
         produced.append(part.join.advance(bus.now_ms()))
         staged = part.stage(JoinedColumns.concat(produced))
         await part.deliveries.put(Delivery(staged, parents, acked))
+        part.join.note_activity(bus.now_ms())  # time spent waiting on a full queue is not idleness
 
     async def _tick_forever(self, part: PartitionJoin) -> None:
         """Advances the watermark without events, so windows close when traffic stops."""
@@ -389,6 +390,9 @@ class JoinerService(NatsMixin, Service):
                 break  # what the watermark would fire now waits for the next start (its state is committed)
             drained = await self._drained(part)
             async with part.lock:
+                # Messages fetched but not joined yet (the next batch, prefetched while this tick waited for the
+                # lock) are input too, though the consumer no longer counts them as pending.
+                drained = drained and not (part.loop is not None and part.loop.holds_messages())
                 try:
                     fired = part.join.advance(bus.now_ms(), input_drained=drained)
                     staged = part.stage(fired) if len(fired) else []

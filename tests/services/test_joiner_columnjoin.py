@@ -262,3 +262,12 @@ def test_negatives_of_windows_open_across_a_restart_follow_the_rate_in_force_whe
             join.commit()
         with ColumnJoin(after, path) as join:
             assert Counter(join.on_events(clock)) == Counter(expected) and expected
+
+
+def test_activity_noted_restarts_the_idle_clock_without_moving_the_watermark():
+    join = ColumnJoin(JoinConfig(window_ms=100, allowed_lateness_ms=0, idle_timeout_ms=50))
+    join.on_events([ImpressionEvent("r", 1, 1, 0, 0)])
+    join.advance(1000)
+    join.note_activity(2000)  # e.g. a join step held up by delivery back-pressure since 1000
+    assert len(join.advance(2040)) == 0 and join.watermark_ms == 0  # not idle: 40 ms since the activity
+    assert [s.sample_id for s in join.advance(2150).samples()] == ["r:1:v1"] and join.watermark_ms == 150
