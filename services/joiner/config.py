@@ -34,6 +34,12 @@ class JoinerConfig:
     state_dir: str = env_field(
         "FRESHET_JOINER_STATE_DIR", "RocksDB directory of the join state; empty keeps it in memory", ""
     )
+    sync_writes: bool = env_field(
+        "FRESHET_JOINER_SYNC_WRITES",
+        "fsync the join state's log on every commit, so a commit also survives an OS crash or power loss "
+        "(off: it survives the joiner's own crash, kill -9 included)",
+        False,
+    )
     partitions: int = env_field(
         "FRESHET_PARTITIONS", "event partitions: events.<kind>.<0..n-1>, samples.<0..n-1>", 1
     )

@@ -154,7 +154,7 @@ class PartitionJoin:
     def __init__(self, partition: int, config: JoinerConfig) -> None:
         self.partition = partition
         state_dir = str(Path(config.state_dir) / f"p{partition}") if config.state_dir else None
-        self.join = ColumnJoin(config.join_config(), state_dir)
+        self.join = ColumnJoin(config.join_config(), state_dir, sync_writes=config.sync_writes)
         self.samples_per_message = config.samples_per_message
         self.lock = asyncio.Lock()  # one join step (join, stage, commit) at a time
         self.broken: BaseException | None = None  # a join step failed with uncommitted state: never commit

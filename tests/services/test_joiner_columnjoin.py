@@ -271,3 +271,16 @@ def test_activity_noted_restarts_the_idle_clock_without_moving_the_watermark():
     join.note_activity(2000)  # e.g. a join step held up by delivery back-pressure since 1000
     assert len(join.advance(2040)) == 0 and join.watermark_ms == 0  # not idle: 40 ms since the activity
     assert [s.sample_id for s in join.advance(2150).samples()] == ["r:1:v1"] and join.watermark_ms == 150
+
+
+def test_the_joiner_syncs_its_state_log_on_commit_when_configured(tmp_path):
+    unsynced = PartitionJoin(0, JoinerConfig(state_dir=str(tmp_path / "a"))).join
+    assert not unsynced._write_opts.sync
+    unsynced.close()
+    synced = PartitionJoin(0, JoinerConfig(state_dir=str(tmp_path / "b"), sync_writes=True)).join
+    assert synced._write_opts.sync
+    synced.on_events([ImpressionEvent("r", 1, 1, 0, 0)])
+    synced.commit()  # a synced write works
+    synced.close()
+    with ColumnJoin(JoinConfig(), str(tmp_path / "b" / "p0")) as reopened:
+        assert len(reopened.windows()) == 1
