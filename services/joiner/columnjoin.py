@@ -197,8 +197,9 @@ class ColumnJoin:
         self.contexts: list[tuple[tuple[str, str], ...]] = [()]
         self._context_ids: dict[tuple[tuple[str, str], ...], int] = {(): 0}
         self._stored_contexts = 1  # contexts[:n] are in RocksDB (the empty one never is)
-        # RocksDB bookkeeping: the segment holding each stored slot's latest record (-1: none), live records
-        # per segment, segments in use [head, next), keys deleted since the last commit, outbox changes.
+        # RocksDB bookkeeping (besides each slot's ``where``: the segment holding its latest record, -1: none):
+        # live records per segment, segments in use [head, next), keys deleted since the last commit, outbox
+        # changes.
         self._live: dict[int, int] = {}
         self._head = self._next_segment = 1
         # Keys deleted since the last commit, in chunks: (request ids, index into them per key, item per key).
@@ -212,9 +213,9 @@ class ColumnJoin:
             opts = Options(raw_mode=True)
             opts.create_if_missing(True)
             self._db = Rdict(path, opts)
-            for prefix in _OTHER_LAYOUTS:
-                if next(self._scan(prefix), None) is not None:
-                    raise RuntimeError(f"{path} holds join state in an older layout; start afresh")
+            if any(next(self._scan(prefix), None) is not None for prefix in _OTHER_LAYOUTS):
+                self.close()
+                raise RuntimeError(f"{path} holds join state in an older layout; start afresh")
             raw = self._db.get(_META)
             meta = json.loads(raw) if raw is not None else {}
         self.epoch: str = meta.get("epoch") or secrets.token_hex(6)
