@@ -76,6 +76,8 @@ async def test_restarted_joiner_does_not_emit_a_sample_twice(nats_url):
         extra = events_pb2.Impression(request_id="r9", user_id=1, item_id=9)
         await bus.publish(joiner.js, "events.impressions.0", extra.SerializeToString(), msg_id="i9")
         await assert_eventually(lambda: joiner.counts["negatives"] == 1, timeout_s=10)
+        # Joined is not yet published: the deliverer publishes after the step's commit.
+        await assert_eventually(lambda: joiner.counts["samples"] == 1, timeout_s=10)
         samples = await samples_in_stream(joiner.js)
         assert sorted(samples.ids) == [f"r{i}:{i}:v1" for i in (0, 1, 2, 3, 4, 9)]
 
