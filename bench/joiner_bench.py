@@ -186,6 +186,14 @@ async def drain(server_url: str, tmp: str, batched: bool, requests: int) -> dict
     return {"events": events, "events_per_s": events / (finished - started)}
 
 
+async def consumer_exists(js, stream: str, durable: str) -> bool:
+    try:
+        await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
 async def joiner_ready(js, proc: subprocess.Popen, timeout_s: float = 120) -> float:
     """The time the joiner's durable consumer on EVENTS first exists (polled every 5 ms).
 
@@ -198,11 +206,7 @@ async def joiner_ready(js, proc: subprocess.Popen, timeout_s: float = 120) -> fl
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            await js.consumer_info(bus.EVENTS.name, JOINER_DURABLE)
-        except nats.js.errors.NotFoundError:
-            pass
-        else:
+        if await consumer_exists(js, bus.EVENTS.name, JOINER_DURABLE):
             return time.monotonic()
         if (code := proc.poll()) is not None:
             raise RuntimeError(f"joiner exited with code {code} before its consumer {JOINER_DURABLE} existed")

@@ -47,7 +47,7 @@ from pathlib import Path
 import nats
 import numpy as np
 import torch
-from joiner_bench import SampleCounter, publish_backlog, request_events
+from joiner_bench import SampleCounter, consumer_exists, publish_backlog, request_events
 
 from freshet import bus
 from freshet.eventlog import EventPublisher
@@ -308,14 +308,6 @@ async def wait_until(check, services: Services, what: str, timeout_s: float = 60
             raise TimeoutError(f"{what}: not within {timeout_s}s")
         await asyncio.sleep(poll_s)
     return time.monotonic()
-
-
-async def consumer_exists(js, stream: str, durable: str) -> bool:
-    try:
-        await js.consumer_info(stream, durable)
-    except nats.js.errors.NotFoundError:
-        return False
-    return True
 
 
 async def acked_up_to(js, durable: str, seq: int) -> bool:

@@ -19,7 +19,7 @@ from freshet.eventcolumns import (
 from freshet.events.v1 import events_pb2
 from freshet.tensors import TensorError, to_tensor
 from services.joiner.joinstate import ActionType
-from services.joiner.service import validate_action, validate_impression
+from tests.event_rules import validate_action, validate_impression
 
 _ARRAYS = {
     "kinds": np.int8,

@@ -73,25 +73,50 @@ def featurise(
     sample_ids: list[str],
     versions: np.ndarray,
 ) -> SampleArrays:
-    """Training samples of labelled impressions, featurised in one vectorised pass.
+    """Training samples of labelled impressions (``featurise_columns`` of their fields).
 
     ``impressions`` have ``user_id``, ``item_id``, ``position`` and ``event_time_ms`` (the joiner's
     events or ``Impression`` protobufs); ``contexts`` are their (name, value) pairs sorted by name.
-    The joiner and the offline dataset path both featurise here, so their samples cannot differ.
     """
     n = len(impressions)
-    users = np.fromiter(map(attrgetter("user_id"), impressions), np.int64, n)
-    items = np.fromiter(map(attrgetter("item_id"), impressions), np.int64, n)
-    positions = np.fromiter(map(attrgetter("position"), impressions), np.int64, n)
-    fids, lengths = batch_example_fids(users, items, positions, contexts)
-    label_vectors = np.asarray(label_vectors, np.float32).reshape(n, LABELS)
+    return featurise_columns(
+        *(np.fromiter(map(attrgetter(f), impressions), np.int64, n) for f in ("user_id", "item_id", "position")),
+        np.fromiter(map(attrgetter("event_time_ms"), impressions), np.int64, n),
+        contexts,
+        label_vectors,
+        weights,
+        sample_ids,
+        versions,
+    )
+
+
+def featurise_columns(
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    positions: np.ndarray,
+    event_time_ms: np.ndarray,
+    contexts: Sequence[Sequence[tuple[str, str]]],
+    label_vectors: np.ndarray,
+    weights: np.ndarray,
+    sample_ids: list[str],
+    versions: np.ndarray,
+) -> SampleArrays:
+    """Training samples of labelled impressions given as columns, featurised in one vectorised pass.
+
+    The joiner and the offline dataset path (``featurise``) both featurise here, so their samples cannot
+    differ. ``contexts`` are each impression's (name, value) pairs sorted by name.
+    """
+    users = np.asarray(user_ids, np.int64)
+    items = np.asarray(item_ids, np.int64)
+    fids, lengths = batch_example_fids(users, items, np.asarray(positions, np.int64), contexts)
+    label_vectors = np.asarray(label_vectors, np.float32).reshape(len(users), LABELS)
     return SampleArrays(
         fids=fids,
         lengths=lengths,
         labels=label_vectors[:, 0].copy(),
         weights=np.asarray(weights, np.float32),
         sample_ids=sample_ids,
-        event_time_ms=np.fromiter(map(attrgetter("event_time_ms"), impressions), np.int64, n),
+        event_time_ms=np.asarray(event_time_ms, np.int64),
         user_ids=users,
         item_ids=items,
         label_vectors=label_vectors,

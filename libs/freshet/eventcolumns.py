@@ -13,6 +13,7 @@ and ``row_event`` rebuilds one event as an ``Event`` protobuf for its dead-lette
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -91,10 +92,17 @@ class EventColumns:
     def __len__(self) -> int:
         return len(self.kinds)
 
+    def take(self, keep: np.ndarray) -> EventColumns:
+        """The events where ``keep`` is true (the request and context tables stay as they are)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[keep] for name, _ in _COLUMNS})
 
-def _context_key(context) -> Context:
-    """A protobuf context map as sorted (name, value) pairs (most contexts have one entry)."""
-    if len(context) == 1:
+
+def context_pairs(context) -> Context:
+    """A protobuf context map as sorted (name, value) pairs (most events have none or one)."""
+    n = len(context)
+    if n == 0:
+        return ()
+    if n == 1:
         for name in context:
             return ((name, context[name]),)
     return tuple(sorted(context.items()))
@@ -110,7 +118,7 @@ def _columns(events: Iterable[ProtoEvent | None], allow_none: bool) -> EventColu
         if isinstance(event, events_pb2.Impression):
             request = requests.setdefault(event.request_id, len(requests))
             context = event.context
-            ctx = contexts.setdefault(_context_key(context), len(contexts)) if context else -1
+            ctx = contexts.setdefault(context_pairs(context), len(contexts)) if context else -1
             append(
                 (
                     KIND_IMPRESSION,
@@ -222,8 +230,9 @@ def decode_event_columns(data: bytes) -> EventColumns:
 def row_problems(columns: EventColumns) -> list[tuple[int, str]]:
     """(index, reason) of every event that violates the schema, in order; empty when all are valid.
 
-    The checks and reasons are the joiner's for single events (``validate_impression``,
-    ``validate_action``, then the action type's range); the first failing check of an event wins.
+    The rules, checked in this order (the first failing one gives the reason): an impression needs a
+    request id, non-negative user and item ids and a non-negative position; an action needs a request id,
+    a non-negative item id and a type in 1..N (0 is "unspecified").
     """
     kinds = columns.kinds
     if not len(kinds):

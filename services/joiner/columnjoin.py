@@ -94,8 +94,8 @@ class JoinedColumns:
     def samples(self) -> list[JoinedSample]:
         """As the reference's tuples."""
         out = []
-        for j, (rid, item, version) in enumerate(
-            zip(self.request_ids, self.item_ids.tolist(), self.versions.tolist(), strict=True)
+        for j, (sample_id, rid, item, version) in enumerate(
+            zip(self.sample_ids, self.request_ids, self.item_ids.tolist(), self.versions.tolist(), strict=True)
         ):
             imp = ImpressionEvent(
                 rid,
@@ -108,7 +108,7 @@ class JoinedColumns:
             labels = tuple(self.label_vectors[j].tolist())
             out.append(
                 JoinedSample(
-                    f"{rid}:{item}:v{version}", (rid, item), labels, version, float(self.weights[j]),
+                    sample_id, (rid, item), labels, version, float(self.weights[j]),
                     bool(self.corrections[j]), imp,
                 )
             )  # fmt: skip
@@ -140,13 +140,11 @@ class JoinedColumns:
         full = [p for p in parts if len(p)]
         if len(full) <= 1:
             return full[0] if full else parts[0]
-        parts = full
         return JoinedColumns(
-            [r for p in parts for r in p.request_ids],
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("item_ids", "user_ids", "positions", "event_time_ms")),
-            [c for p in parts for c in p.contexts],
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("label_vectors", "versions", "weights", "corrections")),
-        )  # fmt: skip
+            request_ids=[r for p in full for r in p.request_ids],
+            contexts=[c for p in full for c in p.contexts],
+            **{name: np.concatenate([getattr(p, name) for p in full]) for name in JoinedColumns._ARRAYS},
+        )
 
 
 class ColumnJoin:
@@ -263,8 +261,8 @@ class ColumnJoin:
         ``intern_context``.
         """
         n = len(kinds)
-        fresh = self._number_requests(requests)
-        rids = self._request_rids[np.asarray(request_index, np.int64)]
+        numbers, fresh = self._number_requests(requests)
+        rids = numbers[np.asarray(request_index, np.int64)]
         rate = self.config.negative_rate
         if rate >= 1.0:
             keep = np.ones(n, np.bool_)
@@ -290,8 +288,8 @@ class ColumnJoin:
         self._release(fresh)
         return out
 
-    def _number_requests(self, requests: list[str]) -> list[int]:
-        """Sets ``_request_rids`` to the rid of each of requests, numbering new ones; returns the new rids."""
+    def _number_requests(self, requests: list[str]) -> tuple[np.ndarray, list[int]]:
+        """The rid of each of requests (int64), numbering new ones, and the new rids."""
         get = self._rids.get
         rids = [get(r, -1) for r in requests]
         fresh = []
@@ -304,8 +302,7 @@ class ColumnJoin:
                         rid = self._new_rid(request)
                         fresh.append(rid)
                     rids[j] = rid
-        self._request_rids = np.array(rids, np.int64)
-        return fresh
+        return np.array(rids, np.int64), fresh
 
     def _new_rid(self, request: str) -> int:
         if self._free_rids:
@@ -708,11 +705,11 @@ class ColumnJoin:
         c = self.config
         keys = list(latest)
         self._reserve(len(keys) + sum(len(actions) for _, _, actions in latest.values()))
-        self._number_requests([request for request, _ in keys])
+        numbers, _ = self._number_requests([request for request, _ in keys])
         slots = np.empty(len(keys), np.int64)
         s = self._s  # grown enough above: nothing below grows it
         K.add_keys(
-            self._ht, s["rid"], s["item"], s["free"], self._r_refs, self._sc, self._request_rids,
+            self._ht, s["rid"], s["item"], s["free"], self._r_refs, self._sc, numbers,
             np.array([item for _, item in keys], np.int64), slots,
         )  # fmt: skip
         forget = []  # (due, slot) of closed windows: into the FORGET ring in due order

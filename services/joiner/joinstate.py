@@ -25,6 +25,7 @@ from enum import IntEnum
 from types import TracebackType
 from typing import NamedTuple
 
+from freshet.eventcolumns import context_pairs
 from freshet.events.v1 import events_pb2
 
 Key = tuple[str, int]  # (request_id, item_id)
@@ -70,17 +71,6 @@ class ImpressionEvent(NamedTuple):
             event_time_ms=msg.event_time_ms,
             context=context_pairs(msg.context),
         )
-
-
-def context_pairs(context) -> tuple[tuple[str, str], ...]:
-    """A protobuf context map as sorted (name, value) pairs (most events have none or one)."""
-    n = len(context)
-    if n == 0:
-        return ()
-    if n == 1:
-        for name in context:
-            return ((name, context[name]),)
-    return tuple(sorted(context.items()))
 
 
 class ActionEvent(NamedTuple):

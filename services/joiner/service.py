@@ -25,7 +25,6 @@ never reuses a message id JetStream might still remember.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 from functools import partial
@@ -38,11 +37,10 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from freshet import bus, telemetry
-from freshet.batches import SampleArrays, encode_sample_arrays
+from freshet.batches import SampleArrays, encode_sample_arrays, featurise_columns
 from freshet.config import BusConfig
 from freshet.eventcolumns import EventColumns, columns_of_events, decode_event_columns, row_event, row_problems
 from freshet.events.v1 import events_pb2
-from freshet.fids import batch_example_fids
 from freshet.runtime import NatsMixin, Service
 from services.joiner.columnjoin import ColumnJoin, JoinedColumns
 from services.joiner.config import JoinerConfig
@@ -52,44 +50,13 @@ logger = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 
-def validate_impression(imp: events_pb2.Impression) -> str | None:
-    """The reason an impression violates the schema, or ``None``."""
-    if not imp.request_id:
-        return "impression without request_id"
-    if imp.user_id < 0 or imp.item_id < 0:
-        return f"negative id (user {imp.user_id}, item {imp.item_id})"
-    if imp.position < 0:
-        return f"negative position {imp.position}"
-    return None
-
-
-def validate_action(action: events_pb2.Action) -> str | None:
-    """The reason an action violates the schema, or ``None``."""
-    if not action.request_id:
-        return "action without request_id"
-    if action.item_id < 0:
-        return f"negative item id {action.item_id}"
-    if action.type == events_pb2.ACTION_TYPE_UNSPECIFIED:
-        return "action type unspecified"
-    return None
-
-
 def sample_arrays(joined: JoinedColumns) -> SampleArrays:
-    """The training samples of joined impressions (featurised as ``freshet.batches.featurise`` does)."""
-    fids, lengths = batch_example_fids(joined.user_ids, joined.item_ids, joined.positions, joined.contexts)
-    label_vectors = joined.label_vectors.astype(np.float32)
-    return SampleArrays(
-        fids=fids,
-        lengths=lengths,
-        labels=label_vectors[:, 0].copy(),
-        weights=joined.weights.astype(np.float32),
-        sample_ids=joined.sample_ids,
-        event_time_ms=joined.event_time_ms,
-        user_ids=joined.user_ids,
-        item_ids=joined.item_ids,
-        label_vectors=label_vectors,
-        versions=joined.versions,
-    )
+    """The training samples of joined impressions."""
+    j = joined
+    return featurise_columns(
+        j.user_ids, j.item_ids, j.positions, j.event_time_ms, j.contexts, j.label_vectors, j.weights,
+        j.sample_ids, j.versions,
+    )  # fmt: skip
 
 
 _SINGLE = {"impressions": events_pb2.Impression, "actions": events_pb2.Action}
@@ -134,18 +101,7 @@ def message_events(subject: str, data: bytes) -> tuple[EventColumns, list[tuple[
     bad = [(index, row_event(columns, index), reason) for index, reason in problems]
     keep = np.ones(len(columns), np.bool_)
     keep[[index for index, _ in problems]] = False
-    return take_events(columns, keep), bad
-
-
-_PER_EVENT = (
-    "kinds", "request_index", "item_ids", "user_ids", "positions", "event_time_ms", "action_types", "values",
-    "context_index",
-)  # fmt: skip
-
-
-def take_events(columns: EventColumns, keep: np.ndarray) -> EventColumns:
-    """The events of columns where ``keep`` is true (the request and context tables stay as they are)."""
-    return dataclasses.replace(columns, **{name: getattr(columns, name)[keep] for name in _PER_EVENT})
+    return columns.take(keep), bad
 
 
 class PartitionJoin:

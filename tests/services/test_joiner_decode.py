@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from freshet import bus
 from freshet.eventcolumns import columns_of_events, encode_event_columns
 from freshet.events.v1 import events_pb2
-from services.joiner.service import message_events, validate_action, validate_impression
+from services.joiner.service import message_events
+from tests.event_rules import validate_action, validate_impression
 
 _text = st.sampled_from(["", "r1", "é", "r2"])
 _int = st.integers(-2, 3)
